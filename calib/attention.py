@@ -1,0 +1,87 @@
+"""kvcalib's attention path, registered with transformers' ``AttentionInterface`` as ``"kvcalib"``.
+
+Why a registered attention function rather than a ``Cache`` subclass: transformers builds its causal mask from the
+sequence length of layer 0, which is wrong once layers (and heads) hold different numbers of positions. With the
+``"kvcalib"`` implementation the model builds no mask at all (a registered mask function returns ``None``) and this
+function decides per call, from the ``kvcalib_state`` keyword that flows through ``model(...)`` to every layer:
+
+* no state            -> plain causal SDPA over the given keys (ordinary prefill, identical to ``sdpa``);
+* a ``PrefillRecorder`` -> causal SDPA, and the layer's post-RoPE keys, values and queries are recorded;
+* a ``RaggedKVCache``  -> the new keys/values are appended to the cache and the queries attend to every valid
+  cached slot plus, causally, to the new tokens (see ``calib.cache`` for the layout).
+
+Models are called with ``use_cache=False`` so transformers never allocates a ``DynamicCache`` of its own.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+ATTN_NAME = "kvcalib"
+_REGISTERED = False
+
+
+def _sdpa(q, k, v, mask, scale, causal):
+    # q (B, Hq, q, d), k/v (B, Hkv, L, d), mask broadcastable to (B, Hq, q, L) bool or None
+    if k.device.type == "cuda" and mask is not None and q.shape[2] == 1:
+        from kvcalib.kernels import ragged_decode_padded
+
+        return ragged_decode_padded(q, k, v, mask, scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
+                                          scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def cache_attention(cache, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
+    """Append k/v (B, Hkv, q, d) to ``cache`` and attend with q (B, Hq, q, d). Returns (B, Hq, q, d)."""
+    cache.remember_queries(layer_idx, q)
+    keys, values, valid = cache.append(layer_idx, k, v)  # (B, Hkv, L, d), (B, Hkv, L) | None
+    q_len, total = q.shape[2], keys.shape[2]
+    mask = None
+    if q_len > 1 or valid is not None:
+        cols = torch.arange(total, device=q.device)
+        rows = torch.arange(q_len, device=q.device)
+        causal = cols[None, :] <= (total - q_len + rows[:, None])  # (q, L)
+        if valid is None:
+            mask = causal[None, None]  # (1, 1, q, L)
+        else:
+            group = q.shape[1] // keys.shape[1]
+            m = valid.repeat_interleave(group, dim=1)  # (B, Hq, L)
+            mask = m[:, :, None, :] & causal[None, None]  # (B, Hq, q, L)
+    if q.shape[0] != keys.shape[0]:
+        q = q.expand(keys.shape[0], -1, -1, -1)
+    return _sdpa(q, keys, values, mask, scale, causal=False)
+
+
+def kvcalib_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    state = kwargs.get("kvcalib_state")
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if state is None:
+        out = _sdpa(query, key, value, None, scale, causal=query.shape[2] > 1)
+    elif hasattr(state, "append"):
+        out = cache_attention(state, module.layer_idx, query, key, value, scale)
+    else:
+        state.record(module.layer_idx, query, key, value)
+        out = _sdpa(query, key, value, None, scale, causal=query.shape[2] > 1)
+    return out.transpose(1, 2).contiguous(), None  # (B, q, Hq, d)
+
+
+def _no_mask(*args, **kwargs):
+    return None
+
+
+def register() -> None:
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(ATTN_NAME, kvcalib_attention)
+    AttentionMaskInterface.register(ATTN_NAME, _no_mask)
+    _REGISTERED = True
+
+
+def install_attention(model: torch.nn.Module) -> None:
+    register()
+    model.set_attn_implementation(ATTN_NAME)

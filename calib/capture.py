@@ -1,0 +1,132 @@
+"""Prefill capture: one forward pass over a context that records everything the scorers need.
+
+Per layer: post-RoPE keys and values (exactly what a KV cache holds), pre-RoPE keys (hooked at the key
+projection, or at ``k_norm`` for models that normalise keys), and post-RoPE queries of every position (the
+observation window is their tail; Compactor's chunked attention needs them all). The prefill itself runs SDPA, not
+eager attention: window attention is recomputed from the captured queries by the scorers.
+
+Optionally the token-level negative log-likelihood of the context is computed from the final hidden states in
+chunks (the full (N, vocab) logits are never materialised at once).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from kvcalib.calib.models import LoadedModel
+
+
+@dataclass
+class Capture:
+    input_ids: torch.Tensor  # (N,)
+    keys: torch.Tensor  # (L, Hkv, N, d) post-RoPE, as cached
+    values: torch.Tensor  # (L, Hkv, N, d)
+    keys_pre: torch.Tensor  # (L, Hkv, N, d) pre-RoPE
+    queries: torch.Tensor  # (L, Hq, Nq, d) post-RoPE queries of the last Nq positions (Nq = N unless limited)
+    last_logits: torch.Tensor  # (vocab,) next-token logits after the context
+    token_nll: torch.Tensor | None = None  # (N - 1,) NLL of tokens 1..N-1 given their prefix
+    prefill_seconds: float = 0.0
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.keys.shape[2]
+
+    @property
+    def num_layers(self) -> int:
+        return self.keys.shape[0]
+
+    @property
+    def head_dim(self) -> int:
+        return self.keys.shape[-1]
+
+    @property
+    def group_size(self) -> int:
+        return self.queries.shape[1] // self.keys.shape[1]
+
+    def window_queries(self, w: int) -> torch.Tensor:
+        """(L, Hq, w, d) queries of the last ``w`` context positions."""
+        if w > self.queries.shape[2]:
+            raise ValueError(f"window {w} exceeds the {self.queries.shape[2]} captured queries")
+        return self.queries[:, :, -w:]
+
+    @property
+    def context_nll(self) -> float:
+        if self.token_nll is None:
+            raise ValueError("capture was taken without compute_nll=True")
+        return float(self.token_nll.mean())
+
+
+class PrefillRecorder:
+    """The ``kvcalib_state`` given to the attention path during a capture (see ``calib.attention``)."""
+
+    def __init__(self, n_layers: int, query_tail: int | None):
+        self.keys: list[torch.Tensor | None] = [None] * n_layers
+        self.values: list[torch.Tensor | None] = [None] * n_layers
+        self.queries: list[torch.Tensor | None] = [None] * n_layers
+        self.keys_pre: list[torch.Tensor | None] = [None] * n_layers
+        self.query_tail = query_tail
+
+    def record(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        # q (1, Hq, N, d), k/v (1, Hkv, N, d)
+        self.keys[layer_idx] = k[0]
+        self.values[layer_idx] = v[0]
+        self.queries[layer_idx] = q[0] if self.query_tail is None else q[0, :, -self.query_tail:]
+
+
+def _key_source(attn: torch.nn.Module) -> torch.nn.Module:
+    return attn.k_norm if hasattr(attn, "k_norm") else attn.k_proj
+
+
+@torch.no_grad()
+def prefill(
+    lm: LoadedModel,
+    input_ids: torch.Tensor,
+    compute_nll: bool = False,
+    query_tail: int | None = None,
+    nll_chunk: int = 512,
+) -> Capture:
+    """Run one prefill of ``input_ids`` (N,) and capture keys, values, pre-RoPE keys and queries of every layer."""
+    model, spec = lm.model, lm.spec
+    device = next(model.parameters()).device
+    ids = input_ids.to(device).view(1, -1)  # (1, N)
+    n = ids.shape[1]
+    rec = PrefillRecorder(spec.num_layers, query_tail)
+    hooks = []
+    decoder = model.get_decoder()
+    for i, layer in enumerate(decoder.layers):
+        def hook(_mod, _inp, out, i=i):
+            rec.keys_pre[i] = out.view(1, n, -1, spec.head_dim)[0].transpose(0, 1)  # (Hkv, N, d)
+        hooks.append(_key_source(layer.self_attn).register_forward_hook(hook))
+    t0 = time.perf_counter()
+    try:
+        out = decoder(input_ids=ids, position_ids=torch.arange(n, device=device)[None], use_cache=False,
+                      kvcalib_state=rec)
+    finally:
+        for h in hooks:
+            h.remove()
+    hidden = out.last_hidden_state[0]  # (N, hidden)
+    head = model.get_output_embeddings()
+    last_logits = head(hidden[-1:]).float()[0]  # (vocab,)
+    token_nll = None
+    if compute_nll:
+        parts = []
+        for s in range(0, n - 1, nll_chunk):
+            e = min(s + nll_chunk, n - 1)
+            logits = head(hidden[s:e]).float()  # (chunk, vocab)
+            parts.append(torch.nn.functional.cross_entropy(logits, ids[0, s + 1:e + 1], reduction="none"))
+        token_nll = torch.cat(parts) if parts else torch.zeros(0)
+    seconds = time.perf_counter() - t0
+    return Capture(
+        input_ids=ids[0].cpu(),
+        keys=torch.stack(rec.keys),
+        values=torch.stack(rec.values),
+        keys_pre=torch.stack(rec.keys_pre),
+        queries=torch.stack(rec.queries),
+        last_logits=last_logits,
+        token_nll=token_nll,
+        prefill_seconds=seconds,
+    )

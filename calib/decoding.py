@@ -1,0 +1,17 @@
+"""Generation-time cache policies (``--decode-policy``): registry of ``DecodePolicy`` factories."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from kvcalib.calib.errors import KvcalibError
+from kvcalib.calib.generate import DecodePolicy
+
+DECODE_POLICIES: dict[str, Callable[..., DecodePolicy]] = {}
+
+
+def get_policy(name: str, budget: int | None = None, recent: int | None = None) -> DecodePolicy:
+    if name not in DECODE_POLICIES:
+        raise KvcalibError(f"unknown decode policy {name!r}: expected one of {sorted(DECODE_POLICIES)}")
+    kwargs = {k: v for k, v in {"budget": budget, "recent": recent}.items() if v is not None}
+    return DECODE_POLICIES[name](**kwargs)

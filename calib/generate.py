@@ -1,0 +1,67 @@
+"""Greedy decoding over a ``RaggedKVCache``.
+
+transformers' ``generate()`` slices caches by the length of layer 0 and so mis-handles pruned caches; this loop
+feeds only new tokens, with their original position ids, through the model's ``"kvcalib"`` attention path.
+A ``DecodePolicy`` (e.g. MorphKV) may shrink the cache after each step.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from kvcalib.calib.cache import RaggedKVCache
+
+
+class DecodePolicy(Protocol):
+    def after_step(self, cache: RaggedKVCache, step: int) -> None: ...
+
+
+@dataclass
+class Generation:
+    token_ids: list[int]
+    seconds: float
+    cache_bytes: list[int] = field(default_factory=list)  # bytes held after each step (per batch row)
+
+
+@torch.no_grad()
+def forward_tokens(model, cache: RaggedKVCache, ids: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
+    """Append ``ids`` (B, q) to the cache at positions ``next_position..`` and return the logits of the last fed
+    token (B, V), or of every fed token (B, q, V) with ``all_logits`` (teacher forcing)."""
+    device = next(model.parameters()).device
+    ids = ids.to(device)
+    pos = torch.arange(cache.next_position, cache.next_position + ids.shape[1], device=device)
+    pos = pos.unsqueeze(0).expand(ids.shape[0], -1)  # (B, q)
+    out = model.get_decoder()(input_ids=ids, position_ids=pos, use_cache=False, kvcalib_state=cache)
+    hidden = out.last_hidden_state if all_logits else out.last_hidden_state[:, -1]  # (B, q, h) | (B, h)
+    return model.get_output_embeddings()(hidden).float()
+
+
+@torch.no_grad()
+def greedy_decode(
+    model,
+    cache: RaggedKVCache,
+    prompt_ids: torch.Tensor,
+    max_new_tokens: int,
+    eos_token_ids: set[int] | None = None,
+    policy: DecodePolicy | None = None,
+) -> Generation:
+    """Feed ``prompt_ids`` (q,) after the cached context, then decode greedily (batch row 0)."""
+    eos = eos_token_ids or set()
+    t0 = time.perf_counter()
+    logits = forward_tokens(model, cache, prompt_ids.view(1, -1))
+    out: list[int] = []
+    sizes: list[int] = []
+    for step in range(max_new_tokens):
+        nxt = int(logits[0].argmax())
+        out.append(nxt)
+        if nxt in eos or step == max_new_tokens - 1:
+            break
+        logits = forward_tokens(model, cache, torch.tensor([[nxt]]))
+        if policy is not None:
+            policy.after_step(cache, step)
+        sizes.append(cache.nbytes // cache.batch_size)
+    return Generation(token_ids=out, seconds=time.perf_counter() - t0, cache_bytes=sizes)

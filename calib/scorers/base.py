@@ -1,0 +1,87 @@
+"""Scorer interface and the helpers the seed methods share (pooling, GQA reduction, protection, z-scores)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from kvcalib.calib.capture import Capture
+
+PROTECTED = float("inf")  # score of positions a method always keeps
+
+
+@dataclass
+class ScoreContext:
+    """What a method may need beyond the capture: the model (methods that decode, e.g. Lookahead Q-Cache) and the
+    target budget (methods whose scores depend on it)."""
+
+    lm: object | None = None  # kvcalib.calib.models.LoadedModel
+    budget: object | None = None  # kvcalib.calib.budget.Budget
+    eos_ids: set[int] = field(default_factory=set)
+
+
+@dataclass
+class Scorer:
+    """A scoring method: ``score(capture, ctx) -> (L, Hkv, N)`` scores, higher = keep, protected = +inf.
+
+    Subclasses are dataclasses whose fields are the method's hyperparameters with their published defaults."""
+
+    name: ClassVar[str] = "base"
+
+    def score(self, cap: Capture, ctx: ScoreContext | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def params(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def param_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+
+def pool1d(x: torch.Tensor, kernel: int, kind: str = "max") -> torch.Tensor:
+    """Stride-1 pooling along the last axis with padding kernel//2, keeping the length. x: (..., N)."""
+    if kernel <= 1:
+        return x
+    shape = x.shape
+    flat = x.reshape(-1, 1, shape[-1])
+    if kind == "max":
+        out = F.max_pool1d(flat, kernel, stride=1, padding=kernel // 2)
+    elif kind == "avg":
+        out = F.avg_pool1d(flat, kernel, stride=1, padding=kernel // 2, count_include_pad=False)
+    else:
+        raise ValueError(f"unknown pooling {kind!r}: expected 'max' or 'avg'")
+    return out[..., : shape[-1]].reshape(shape)
+
+
+def gqa_reduce(x: torch.Tensor, group: int, how: str = "mean") -> torch.Tensor:
+    """(..., Hq, N) -> (..., Hkv, N) combining the ``group`` query heads that share one kv head."""
+    if group == 1:
+        return x
+    g = x.reshape(*x.shape[:-2], x.shape[-2] // group, group, x.shape[-1])
+    if how == "mean":
+        return g.mean(-2)
+    if how == "sum":
+        return g.sum(-2)
+    if how == "max":
+        return g.amax(-2)
+    raise ValueError(f"unknown GQA reduction {how!r}: expected 'mean', 'sum' or 'max'")
+
+
+def zscore(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    mu = x.mean(dim=dims, keepdim=True)
+    sd = x.std(dim=dims, keepdim=True).clamp_min(1e-12)
+    return (x - mu) / sd
+
+
+def protect(scores: torch.Tensor, first: int = 0, last: int = 0) -> torch.Tensor:
+    """Mark the first/last positions as always kept. scores: (..., N)."""
+    scores = scores.clone()
+    if first:
+        scores[..., :first] = PROTECTED
+    if last:
+        scores[..., -last:] = PROTECTED
+    return scores

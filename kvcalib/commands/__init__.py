@@ -1,0 +1,1 @@
+"""CLI command groups. ``common`` holds the shared error handling and output helpers."""

@@ -1,0 +1,7 @@
+"""CLI commands of the calibration stage (filled in by its issue)."""
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    pass
