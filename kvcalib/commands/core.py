@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.console import Console
 from rich.table import Table
 from tqdm import tqdm
 
@@ -115,6 +116,41 @@ def eval_passkey(
 
 
 @friendly_errors
+def demo(
+    method: MethodOpt = "compactor",
+    model: ModelOpt = "smollm2-135m",
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON report.")] = False,
+):
+    """The main job on the embedded defaults: compress a bundled essay (with a hidden passcode) at several ratios
+    and answer from each compressed cache."""
+    from kvcalib.calib.budget import Budget
+    from kvcalib.calib.documents import PACKAGE_DATA
+    from kvcalib.calib.engine import Engine
+    from kvcalib.calib.tasks import insert_at_depth
+
+    essay = (PACKAGE_DATA / "hubs.txt").read_text(encoding="utf-8")
+    context = insert_at_depth(essay, "The secret passcode for the blue door is 62817.", 0.4)
+    question = "What is the secret passcode for the blue door? Answer with the number only."
+    eng = Engine.load(model)
+    rows = []
+    for ratio in (0.0, 0.5, 0.75, 0.9):
+        res = eng.run(context, question, method=method, budget=Budget(ratio=ratio), max_new_tokens=24)
+        rows.append({"ratio": ratio, "answer": res.answer, "correct": "62817" in res.answer,
+                     "kept_tokens": sum(res.cache_report["kept_per_layer"]),
+                     "mib_held": round(res.cache_report["bytes_held"] / 2**20, 2),
+                     "seconds": round(sum(res.timings.values()), 2)})
+    if as_json:
+        emit_json({"method": method, "context_tokens": res.context_tokens, "rows": rows})
+        return
+    table = Table("ratio", "answer", "correct", "kept tokens", "MiB held", "seconds",
+                  title=f"{method} on a bundled essay ({res.context_tokens} tokens), expected 62817")
+    for r in rows:
+        table.add_row(f"{r['ratio']:.2f}", r["answer"][:48], "yes" if r["correct"] else "no", str(r["kept_tokens"]),
+                      f"{r['mib_held']:.2f}", f"{r['seconds']:.2f}")
+    Console().print(table)
+
+
+@friendly_errors
 def methods():
     """List scoring methods, allocators and their hyperparameters with defaults."""
     from kvcalib.calib.budget import available_allocators
@@ -130,4 +166,5 @@ def methods():
 def register(app: typer.Typer) -> None:
     app.command("generate")(generate)
     app.command("methods")(methods)
+    app.command("demo")(demo)
     app.add_typer(eval_app, name="eval")
