@@ -83,20 +83,29 @@ def leverage_scores(
     The ridge ρ is relative to the mean diagonal of SᵀS; a failed Cholesky escalates the jitter tenfold."""
     s = x.float() @ sketch.float()  # (B, H, N, k)
     gram = s.transpose(-1, -2) @ s  # (B, H, k, k)
+    chol = regularised_cholesky(gram, rho)
+    if chol is None:  # pseudo-inverse as the last resort
+        ginv = torch.linalg.pinv(gram)
+        return torch.einsum("bhnk,bhkl,bhnl->bhn", s, ginv, s)
+    y = torch.cholesky_solve(s.transpose(-1, -2), chol)  # (B, H, k, N) = G⁻¹ sᵀ
+    return (s * y.transpose(-1, -2)).sum(-1)
+
+
+def regularised_cholesky(gram: torch.Tensor, rho: float) -> torch.Tensor | None:
+    """Lower Cholesky factor of gram + ρ·mean(diag)·I (B, H, k, k), or None when it fails for every jitter.
+
+    The ridge is relative to the mean diagonal of each Gram matrix; a failed factorisation escalates it tenfold,
+    at most 8 times."""
     kdim = gram.shape[-1]
-    eye = torch.eye(kdim, device=x.device, dtype=gram.dtype)
+    eye = torch.eye(kdim, device=gram.device, dtype=gram.dtype)
     base = gram.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-12)[..., None, None]  # (B, H, 1, 1)
     jitter = rho
     for _ in range(8):
         chol, info = torch.linalg.cholesky_ex(gram + jitter * base * eye)
         if int(info.max()) == 0:
-            break
+            return chol
         jitter *= 10
-    else:  # pseudo-inverse as the last resort
-        ginv = torch.linalg.pinv(gram)
-        return torch.einsum("bhnk,bhkl,bhnl->bhn", s, ginv, s)
-    y = torch.cholesky_solve(s.transpose(-1, -2), chol)  # (B, H, k, N) = G⁻¹ sᵀ
-    return (s * y.transpose(-1, -2)).sum(-1)
+    return None
 
 
 def ragged_compact(

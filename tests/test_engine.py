@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from kvcalib.calib.budget import Budget, allocate, select_topk
@@ -139,3 +140,19 @@ def test_protected_positions_survive_compression(short_capture):
     scores = get_scorer("snapkv", window=16).score(short_capture)
     keep = allocate(scores, Budget(ratio=0.9))
     assert keep[..., -16:].all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the Triton kernels run end to end only on GPU")
+def test_engine_runs_end_to_end_on_cuda_with_triton_kernels():
+    from kvcalib.calib.engine import Engine
+
+    cpu = Engine.load("smollm2-135m")
+    gpu = Engine.load("smollm2-135m", device="cuda")
+    text = load_essays()["aord"][:2500] + " The secret passcode for the red door is 31415. " + load_essays()["hubs"][:2500]
+    q = "What is the secret passcode for the red door? Answer with the number only."
+    for method in ("compactor", "snapkv"):
+        a = cpu.run(text, q, method=method, budget=Budget(ratio=0.5), max_new_tokens=16)
+        b = gpu.run(text, q, method=method, budget=Budget(ratio=0.5), max_new_tokens=16)
+        assert a.cache_report["kept_per_layer"] == b.cache_report["kept_per_layer"]
+        assert "31415" in b.answer
