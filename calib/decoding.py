@@ -6,8 +6,9 @@ from collections.abc import Callable
 
 from kvcalib.calib.errors import KvcalibError
 from kvcalib.calib.generate import DecodePolicy
+from kvcalib.calib.morphkv import MorphKV
 
-DECODE_POLICIES: dict[str, Callable[..., DecodePolicy]] = {}
+DECODE_POLICIES: dict[str, Callable[..., DecodePolicy]] = {"morphkv": MorphKV}
 
 
 def get_policy(name: str, budget: int | None = None, recent: int | None = None) -> DecodePolicy:

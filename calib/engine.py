@@ -96,6 +96,7 @@ class Engine:
             policy: DecodePolicy | None = None) -> RunResult:
         budget = budget or Budget(ratio=0.0)
         scorer = self.scorer(method, **(method_params or {}))
+        budgets.check_allocator(allocator)  # fail before the prefill, not after
         prompt = self.prompt(context, question)
         t = {}
         cap = self.capture(prompt.context_ids)

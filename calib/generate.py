@@ -17,6 +17,9 @@ from kvcalib.calib.cache import RaggedKVCache
 
 
 class DecodePolicy(Protocol):
+    """``after_step`` runs after every decode step; a policy may also define ``begin(cache)``, called once before
+    the prompt is fed (e.g. to make the cache record queries)."""
+
     def after_step(self, cache: RaggedKVCache, step: int) -> None: ...
 
 
@@ -48,10 +51,15 @@ def greedy_decode(
     max_new_tokens: int,
     eos_token_ids: set[int] | None = None,
     policy: DecodePolicy | None = None,
+    ignore_eos: bool = False,
 ) -> Generation:
-    """Feed ``prompt_ids`` (q,) after the cached context, then decode greedily (batch row 0)."""
-    eos = eos_token_ids or set()
+    """Feed ``prompt_ids`` (q,) after the cached context, then decode greedily (batch row 0).
+
+    With ``ignore_eos`` exactly ``max_new_tokens`` tokens are generated (fixed-length runs, memory benchmarks)."""
+    eos = set() if ignore_eos else (eos_token_ids or set())
     t0 = time.perf_counter()
+    if policy is not None and hasattr(policy, "begin"):
+        policy.begin(cache)
     logits = forward_tokens(model, cache, prompt_ids.view(1, -1))
     out: list[int] = []
     sizes: list[int] = []

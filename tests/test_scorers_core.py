@@ -51,7 +51,7 @@ def naive_snapkv(cap: Capture, w: int, k: int, kind: str) -> torch.Tensor:
                     z = sum(e)
                     for j in range(pos + 1):
                         s[j] += e[j] / z
-                acc += torch.tensor(naive_pool(s, k, kind))
+                acc += torch.tensor(naive_pool(s[: n - w], k, kind) + s[n - w:])
             out[l, h] = acc / group
             out[l, h, n - w:] = PROTECTED
     return out

@@ -10,9 +10,16 @@ from kvcalib.calib.errors import KvcalibError
 from kvcalib.calib.scorers.base import PROTECTED, ScoreContext, Scorer
 from kvcalib.calib.scorers.baselines import KeyNorm, Random, StreamingLLM
 from kvcalib.calib.scorers.compactor import Compactor
+from kvcalib.calib.scorers.curdkv import CurDKV
+from kvcalib.calib.scorers.lava import LAVa
+from kvcalib.calib.scorers.lookahead import LookaheadQCache
+from kvcalib.calib.scorers.obcache import OBCache
 from kvcalib.calib.scorers.snapkv import SnapKV
 
-SCORERS: dict[str, type[Scorer]] = {cls.name: cls for cls in (Compactor, SnapKV, StreamingLLM, KeyNorm, Random)}
+SCORERS: dict[str, type[Scorer]] = {
+    cls.name: cls
+    for cls in (Compactor, SnapKV, StreamingLLM, KeyNorm, Random, CurDKV, OBCache, LAVa, LookaheadQCache)
+}
 
 
 class UnknownMethodError(KvcalibError):

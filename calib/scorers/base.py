@@ -57,6 +57,16 @@ def pool1d(x: torch.Tensor, kernel: int, kind: str = "max") -> torch.Tensor:
     return out[..., : shape[-1]].reshape(shape)
 
 
+def pool_prefix(x: torch.Tensor, keep_last: int, kernel: int, kind: str = "max") -> torch.Tensor:
+    """Pool x (..., N) over its first N − ``keep_last`` positions only (as the SnapKV reference pools
+    ``attn[..., :-window]``); the last ``keep_last`` entries are returned unchanged (they are protected anyway)."""
+    n = x.shape[-1]
+    cut = n - keep_last
+    if cut <= 0:
+        return x
+    return torch.cat([pool1d(x[..., :cut], kernel, kind), x[..., cut:]], dim=-1)
+
+
 def gqa_reduce(x: torch.Tensor, group: int, how: str = "mean") -> torch.Tensor:
     """(..., Hq, N) -> (..., Hkv, N) combining the ``group`` query heads that share one kv head."""
     if group == 1:

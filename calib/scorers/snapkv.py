@@ -14,7 +14,7 @@ import torch
 
 from kvcalib import kernels
 from kvcalib.calib.capture import Capture
-from kvcalib.calib.scorers.base import ScoreContext, Scorer, gqa_reduce, pool1d, protect
+from kvcalib.calib.scorers.base import ScoreContext, Scorer, gqa_reduce, pool_prefix, protect
 
 
 @dataclass
@@ -28,5 +28,5 @@ class SnapKV(Scorer):
     def score(self, cap: Capture, ctx: ScoreContext | None = None) -> torch.Tensor:
         w = min(self.window, cap.num_tokens)
         a = kernels.window_attention_stats(cap.window_queries(w), cap.keys, stats=("attn",))["attn"]  # (L, Hq, N)
-        s = gqa_reduce(pool1d(a, self.kernel, self.pooling), cap.group_size, self.gqa)  # (L, Hkv, N)
+        s = gqa_reduce(pool_prefix(a, w, self.kernel, self.pooling), cap.group_size, self.gqa)  # (L, Hkv, N)
         return protect(s, last=w)
