@@ -14,7 +14,13 @@ Layout (the design choice, documented in the README under "Ragged cache"):
   RoPE is applied, so the original ``position_ids`` are passed to the model and nothing is re-fed.
 
 A batch dimension ``B`` lets one prefill be evaluated under several keep masks at once (calibration curves): every
-batch row shares the same full keys but has its own validity mask.
+batch row shares the same full keys but has its own validity mask (``RaggedKVCache.masked``).
+
+Packed probes (calibration): setting ``segments`` (a (q,) tensor of segment ids) before a forward of ``q`` tokens
+makes those tokens attend to every valid cached slot plus, causally, only to the new tokens of their own segment
+(block-diagonal; the caller gives each segment positions ``next_position..``, see ``segment_offsets``). Such a
+forward reads the cache without extending it (``calib.attention.packed_attention``). ``snapshot`` / ``restore``
+put a cache back as it was (e.g. after feeding probes one at a time through ``append``).
 
 On CUDA the packed per-head layout of ``kvcalib.kernels.ragged`` (offsets, no padding) serves decode attention.
 """
@@ -24,6 +30,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+
+
+def segment_offsets(segments: torch.Tensor) -> torch.Tensor:
+    """Index of every token within its segment, for contiguous segment ids (q,): [0,0,1,1,1] -> [0,1,0,1,2]."""
+    q = segments.numel()
+    idx = torch.arange(q, device=segments.device)
+    start = torch.ones(q, dtype=torch.bool, device=segments.device)
+    if q > 1:
+        start[1:] = segments[1:] != segments[:-1]
+    first = torch.cummax(torch.where(start, idx, torch.zeros_like(idx)), 0).values
+    return idx - first
 
 
 @dataclass
@@ -40,6 +57,7 @@ class RaggedKVCache:
     next_position: int  # the position id the next appended token gets
     record_queries: int = 0  # keep the last `record_queries` query vectors per layer (MorphKV, lookahead)
     recent_queries: list[torch.Tensor | None] = field(default_factory=list)  # per layer (B, Hq, R, d)
+    segments: torch.Tensor | None = None  # (q,) segment id of each token of the next forward (packed probes)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -80,6 +98,37 @@ class RaggedKVCache:
                 v = v * valid.unsqueeze(-1)
             layers.append(LayerKV(k.contiguous(), v.contiguous(), None if all_valid else valid, pos))
         return cls(layers=layers, next_position=n)
+
+    @classmethod
+    def masked(cls, keys: torch.Tensor, values: torch.Tensor, keep: torch.Tensor) -> "RaggedKVCache":
+        """A B-row cache over shared full ``keys``/``values`` (L, Hkv, N, d): row b sees only the positions of
+        ``keep[b]`` ((B, L, Hkv, N) bool, or (L, Hkv, N) for one row). No K/V is copied (expanded views); attention
+        results equal those of ``from_mask`` on the same masks (masked slots get zero weight)."""
+        if keep.dim() == 3:
+            keep = keep.unsqueeze(0)
+        b, n_layers, hkv, n = keep.shape
+        if keys.shape[:3] != (n_layers, hkv, n) or values.shape[:3] != (n_layers, hkv, n):
+            raise ValueError(f"keep mask {tuple(keep.shape)} does not match keys {tuple(keys.shape)}")
+        keep = keep.to(device=keys.device, dtype=torch.bool)
+        pos = torch.arange(n, device=keys.device).expand(b, hkv, n)
+        layers = []
+        for l in range(n_layers):
+            m = keep[:, l]  # (B, Hkv, N)
+            valid = None if bool(m.all()) else m
+            layers.append(LayerKV(keys[l].unsqueeze(0).expand(b, -1, -1, -1),
+                                  values[l].unsqueeze(0).expand(b, -1, -1, -1), valid,
+                                  pos if valid is None else torch.where(m, pos, torch.full_like(pos, -1))))
+        return cls(layers=layers, next_position=n)
+
+    def snapshot(self) -> tuple:
+        """The cache's current state (layers are replaced, never mutated, by ``append``: this is cheap)."""
+        return (list(self.layers), self.next_position, list(self.recent_queries), self.segments)
+
+    def restore(self, state: tuple) -> None:
+        """Put back a ``snapshot`` (e.g. drop the probe tokens appended by a calibration forward)."""
+        layers, self.next_position, recent, self.segments = state
+        self.layers = list(layers)
+        self.recent_queries = list(recent)
 
     # ------------------------------------------------------------------ inspection
     @property

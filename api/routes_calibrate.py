@@ -1,0 +1,51 @@
+"""``POST /calibrate``: predict (synchronous), full (asynchronous job), compress (safetensors download)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+
+from kvcalib.api.convert import document_input, job_out, params_of
+from kvcalib.api.deps import ServiceDep, WriteAccess
+from kvcalib.api.schemas import CalibrateRequest, ErrorOut, JobOut, PredictOut
+
+router = APIRouter(tags=["calibration"])
+
+ERRORS = {401: {"model": ErrorOut}, 404: {"model": ErrorOut}, 413: {"model": ErrorOut}, 422: {"model": ErrorOut},
+          503: {"model": ErrorOut}}
+
+
+@router.post(
+    "/calibrate", dependencies=[WriteAccess], response_model=None,
+    summary="Calibrate a document: predict, full (async) or compress",
+    responses={
+        200: {"description": "predict: the predicted budget (with features); full: the job, already finished; "
+                             "compress: the compressed KV cache (safetensors, `kvcalib.calib.export.load_compressed`)",
+              "content": {"application/json": {"schema": {"anyOf": [
+                  {"$ref": "#/components/schemas/PredictOut"}, {"$ref": "#/components/schemas/JobOut"}]}},
+                          "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
+        202: {"model": JobOut, "description": "full: the calibration job was queued; poll its URL (Location)."},
+        **ERRORS,
+    },
+)
+def calibrate(body: CalibrateRequest, request: Request, service: ServiceDep) -> Response:
+    doc = document_input(body)
+    p = params_of(service, body)
+    if body.mode == "full":
+        if body.ratio is not None:
+            from kvcalib.calib.store.errors import ServiceInputError
+
+            raise ServiceInputError("`ratio` applies to mode=compress only")
+        view, done = service.submit(doc, p)
+        job = job_out(request, view)
+        return JSONResponse(job.model_dump(mode="json"), status_code=200 if done else 202,
+                            headers={"Location": job.url})
+    if body.mode == "predict":
+        view = service.predicted_budget(doc, p, persist=True, prefer_profile=False)
+        return JSONResponse(PredictOut(**view).model_dump(mode="json"))
+    data, meta = service.compress(doc, p, body.ratio)
+    headers = {"Content-Disposition": f'attachment; filename="kvcache-{meta["document_hash"][:12]}.safetensors"',
+               "X-Kvcalib-Ratio": meta["ratio"], "X-Kvcalib-Budget-Source": meta["budget_source"],
+               "X-Kvcalib-Document-Hash": meta["document_hash"], "X-Kvcalib-Context-Tokens":
+               str(meta["context_tokens"])}
+    return Response(content=data, media_type="application/octet-stream", headers=headers)

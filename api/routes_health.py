@@ -1,0 +1,36 @@
+"""Liveness, readiness and Prometheus metrics."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+
+from kvcalib import __version__
+from kvcalib.api.deps import ServiceDep
+from kvcalib.api.schemas import Health, Readiness
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/healthz", response_model=Health, summary="Liveness (no dependency is checked)")
+async def healthz() -> Health:
+    return Health(version=__version__)
+
+
+@router.get("/readyz", response_model=Readiness, summary="Readiness: database at schema head, broker reachable",
+            responses={503: {"model": Readiness}})
+def readyz(service: ServiceDep) -> Response:
+    r = service.readiness()
+    body = Readiness(**r, execution=service.dispatcher.kind if service.dispatcher else "none")
+    return JSONResponse(body.model_dump(), status_code=200 if r["ready"] else 503)
+
+
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response,
+            responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}})
+def metrics(request: Request, service: ServiceDep) -> Response:
+    try:
+        counts = service.job_counts()
+    except Exception:  # noqa: BLE001 - metrics never fail because the database is down
+        counts = None
+    data = request.app.state.metrics.render(counts)
+    return Response(data, media_type="text/plain; version=0.0.4; charset=utf-8")

@@ -1,0 +1,211 @@
+"""Request and response models of the HTTP API (pydantic v2). The OpenAPI schema is generated from these."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from kvcalib.calib.budget import available_allocators
+from kvcalib.calib.models import available_models
+from kvcalib.calib.scorers import available_methods
+
+# The registries as enums: the OpenAPI schema lists the valid choices, and an unknown name is a 422 naming them.
+ModelName = Literal[tuple(available_models())]  # type: ignore[valid-type]
+MethodName = Literal[tuple(available_methods())]  # type: ignore[valid-type]
+AllocatorName = Literal[tuple(available_allocators())]  # type: ignore[valid-type]
+
+MAX_ID = 2**63 - 1
+DocId = Annotated[int, Field(ge=1, le=MAX_ID, description="Id of a stored document.")]
+Hash = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$", description="SHA-256 (hex) of the document's UTF-8 text.")]
+Ratio = Annotated[float, Field(ge=0.0, lt=1.0)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CalibrationOptions(Strict):
+    """Optional overrides of ``CalibrationConfig`` (defaults are the library's)."""
+
+    ratios: list[Ratio] | None = Field(None, min_length=1, max_length=64,
+                                       description="Compression ratios of the fidelity curve.")
+    n_probes: int | None = Field(None, ge=1, le=256, description="Number of probe continuations.")
+    probe_tokens: int | None = Field(None, ge=1, le=512, description="Tokens per probe.")
+    cue_tokens: int | None = Field(None, ge=1, le=512, description="Cue tokens of each probe.")
+    seed: int | None = Field(None, ge=0, le=2**31 - 1)
+    method_params: dict[str, Any] | None = Field(None, description="Hyperparameters of the scoring method.")
+
+
+class CalibrationParamsIn(Strict):
+    model: ModelName | None = Field(None, description="Registry model (default: KVCALIB_DEFAULT_MODEL).")
+    method: MethodName | None = Field(None, description="Scoring method (default: KVCALIB_DEFAULT_METHOD).")
+    allocator: AllocatorName | None = Field(None, description="Budget allocator (default: KVCALIB_DEFAULT_ALLOCATOR).")
+    tolerance: float | None = Field(None, gt=0.0, le=1.0, description="Fidelity tolerance τ: r* is the largest ratio "
+                                                                      "whose fidelity stays ≥ τ.")
+    options: CalibrationOptions | None = None
+
+
+ONE_DOCUMENT = {"oneOf": [{"required": ["text"]}, {"required": ["document_id"]}, {"required": ["document_hash"]}]}
+
+
+class DocumentIn(Strict):
+    """Exactly one of ``text``, ``document_id``, ``document_hash``."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra=ONE_DOCUMENT)
+
+    text: str | None = Field(None, description="The document (UTF-8 text).")
+    document_id: DocId | None = None
+    document_hash: Hash | None = None
+    source: str | None = Field(None, max_length=1000, description="Where the document comes from (free text).")
+
+
+class CalibrateRequest(CalibrationParamsIn, DocumentIn):
+    mode: Literal["predict", "full", "compress"] = Field(
+        "full", description="predict: features + predictor, synchronous; full: fidelity curve + r*, asynchronous "
+                            "(202 + job URL); compress: the compressed KV cache as safetensors.")
+    ratio: Ratio | None = Field(None, description="compress only: an explicit ratio instead of the document's "
+                                                  "profile (or prediction) at τ.")
+
+
+class BudgetRequest(CalibrationParamsIn, DocumentIn):
+    pass
+
+
+class BudgetOut(BaseModel):
+    source: Literal["profile", "predicted"] = Field(description="A stored calibration, or the predictor.")
+    document_hash: str
+    model: str
+    model_revision: str | None = None
+    method: str
+    allocator: str
+    tolerance: float
+    ratio: float = Field(description="Compression ratio to apply (r*).")
+    token_budget: int = Field(description="Average kept positions per (layer, kv head).")
+    context_tokens: int
+    layer_budgets: list[int] = Field(description="Kept positions per layer (sum over heads).")
+    head_budgets: list[list[int]] = Field(description="Kept positions per (layer, kv head).")
+    profile_id: int | None = None
+    predictor_version: str | None = None
+    document_id: int | None = None
+
+
+class PredictOut(BudgetOut):
+    features: dict[str, Any] | None = Field(None, description="The document's features fed to the predictor.")
+
+
+class ProfileSummary(BaseModel):
+    profile_id: int
+    r_star: float
+    token_budget: int
+    context_tokens: int
+    monotone: bool
+    seconds: float | None = None
+
+
+class JobOut(BaseModel):
+    id: int
+    url: str
+    status: Literal["queued", "running", "succeeded", "failed"]
+    progress: float
+    message: str | None = None
+    error: str | None = None
+    attempts: int
+    document_id: int
+    document_hash: str
+    model: str
+    model_revision: str
+    method: str
+    allocator: str
+    tolerance: float
+    params_hash: str
+    params: dict[str, Any]
+    created_at: dt.datetime
+    updated_at: dt.datetime
+    started_at: dt.datetime | None = None
+    finished_at: dt.datetime | None = None
+    result: ProfileSummary | None = None
+    profile_url: str | None = None
+
+
+class CurvePointOut(BaseModel):
+    ratio: float
+    fidelity: float
+    kl: float | None = None
+
+
+class ProfileOut(BaseModel):
+    id: int
+    job_id: int
+    document_id: int
+    document_hash: str
+    model: str
+    model_revision: str
+    method: str
+    allocator: str
+    tolerance: float
+    r_star: float
+    token_budget: int
+    context_tokens: int
+    monotone: bool
+    layer_budgets: list[int]
+    head_budgets: list[list[int]]
+    features: dict[str, Any]
+    predictor_version: str | None = None
+    seconds: float | None = None
+    created_at: dt.datetime
+    params: dict[str, Any]
+    curve: list[CurvePointOut]
+    curve_png_url: str
+
+
+class BatchDocument(Strict):
+    model_config = ConfigDict(extra="forbid", json_schema_extra=ONE_DOCUMENT)
+
+    text: str | None = None
+    document_id: DocId | None = None
+    document_hash: Hash | None = None
+    source: str | None = Field(None, max_length=1000)
+
+
+class BatchRequest(CalibrationParamsIn):
+    documents: list[BatchDocument | str] = Field(min_length=1, description="Documents: objects or plain strings.")
+
+
+class BatchItemOut(BaseModel):
+    position: int
+    job_id: int
+    status: str
+    progress: float
+    error: str | None = None
+    profile_id: int | None = None
+    document_hash: str
+
+
+class BatchOut(BaseModel):
+    id: int
+    url: str
+    total: int
+    counts: dict[str, int]
+    progress: float
+    done: bool
+    status: str
+    params: dict[str, Any]
+    created_at: dt.datetime
+    items: list[BatchItemOut] | None = None
+
+
+class Health(BaseModel):
+    status: str = "ok"
+    version: str
+
+
+class Readiness(BaseModel):
+    ready: bool
+    checks: dict[str, str]
+    execution: str
+
+
+class ErrorOut(BaseModel):
+    detail: Any

@@ -1,0 +1,179 @@
+"""The profile store's tables (SQLAlchemy 2.0 typed ORM). Alembic migrations (``migrations/``) are the only schema
+path: ``Base.metadata.create_all`` is never called by the service.
+
+Idempotency lives in unique constraints: a document is stored once per content hash, a calibration run once per
+(document, model, parameters hash), a curve point once per (run, ratio), a profile once per run, a batch item once
+per (batch, position). Optuna's tables (a later issue) share the database but are not part of this metadata.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+from typing import Any
+
+from sqlalchemy import (JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Index, Integer, LargeBinary,
+                        MetaData, String, Text, UniqueConstraint, func)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+# Primary keys: BIGINT on PostgreSQL, INTEGER (rowid alias, autoincrement) on SQLite.
+Id = BigInteger().with_variant(Integer(), "sqlite")
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
+
+
+class RunStatus(str, enum.Enum):
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+
+    @property
+    def finished(self) -> bool:
+        return self in (RunStatus.succeeded, RunStatus.failed)
+
+
+class Model(Base):
+    __tablename__ = "models"
+    __table_args__ = (UniqueConstraint("name", "revision"),)
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(200))
+    revision: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow,
+                                                    server_default=func.now())
+
+
+class Document(Base):
+    __tablename__ = "documents"
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    content_hash: Mapped[str] = mapped_column(String(64), unique=True)  # sha256 of the UTF-8 text
+    n_bytes: Mapped[int] = mapped_column(Integer)
+    token_count: Mapped[int | None] = mapped_column(Integer, nullable=True)  # with the first model that saw it
+    source: Mapped[str | None] = mapped_column(String(1000), nullable=True)
+    text: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow,
+                                                    server_default=func.now())
+
+
+class CalibrationRun(Base):
+    """One calibration job: the curve and r* of a document under a model and a parameter set. Also the job row."""
+
+    __tablename__ = "calibration_runs"
+    __table_args__ = (UniqueConstraint("document_id", "model_id", "params_hash"),)
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    document_id: Mapped[int] = mapped_column(ForeignKey("documents.id", ondelete="CASCADE"), index=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), index=True)
+    params_hash: Mapped[str] = mapped_column(String(64))
+    params: Mapped[dict[str, Any]] = mapped_column(JSON)
+    method: Mapped[str] = mapped_column(String(100))
+    allocator: Mapped[str] = mapped_column(String(100))
+    tolerance: Mapped[float] = mapped_column(Float)
+    status: Mapped[str] = mapped_column(String(16), default=RunStatus.queued.value, index=True)
+    progress: Mapped[float] = mapped_column(Float, default=0.0)
+    message: Mapped[str | None] = mapped_column(String(500), nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    task_id: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow,
+                                                    server_default=func.now())
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow,
+                                                    server_default=func.now())
+    started_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+    document: Mapped[Document] = relationship()
+    model: Mapped[Model] = relationship(lazy="joined")
+
+
+class CurvePoint(Base):
+    __tablename__ = "curve_points"
+    __table_args__ = (UniqueConstraint("run_id", "ratio"),)
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("calibration_runs.id", ondelete="CASCADE"), index=True)
+    ratio: Mapped[float] = mapped_column(Float)
+    fidelity: Mapped[float] = mapped_column(Float)
+    kl: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class Profile(Base):
+    """The product of a calibration run: r* at the tolerance and the budgets that realise it."""
+
+    __tablename__ = "profiles"
+    __table_args__ = (Index("ix_profiles_lookup", "document_id", "model_id", "tolerance"),)
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("calibration_runs.id", ondelete="CASCADE"), unique=True)
+    document_id: Mapped[int] = mapped_column(ForeignKey("documents.id", ondelete="CASCADE"), index=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), index=True)
+    method: Mapped[str] = mapped_column(String(100))
+    allocator: Mapped[str] = mapped_column(String(100))
+    tolerance: Mapped[float] = mapped_column(Float)
+    r_star: Mapped[float] = mapped_column(Float)
+    token_budget: Mapped[int] = mapped_column(Integer)  # average kept positions per (layer, head)
+    context_tokens: Mapped[int] = mapped_column(Integer)
+    monotone: Mapped[bool] = mapped_column(Boolean, default=True)
+    layer_budgets: Mapped[list[Any]] = mapped_column(JSON)  # (L,) kept positions per layer
+    head_budgets: Mapped[list[Any]] = mapped_column(JSON)  # (L, Hkv) kept positions per head
+    features: Mapped[dict[str, Any]] = mapped_column(JSON)
+    predictor_version: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow,
+                                                    server_default=func.now())
+
+    run: Mapped[CalibrationRun] = relationship()
+    document: Mapped[Document] = relationship()
+    model: Mapped[Model] = relationship()
+
+
+class Predictor(Base):
+    __tablename__ = "predictors"
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    version: Mapped[str] = mapped_column(String(100), unique=True)
+    kind: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    artefact_path: Mapped[str | None] = mapped_column(String(1000), nullable=True)
+    artefact: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)  # zipped folder, optional
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow,
+                                                    server_default=func.now())
+
+
+class Batch(Base):
+    __tablename__ = "batches"
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    total: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow,
+                                                    server_default=func.now())
+
+
+class BatchItem(Base):
+    __tablename__ = "batch_items"
+    __table_args__ = (UniqueConstraint("batch_id", "position"),)
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    batch_id: Mapped[int] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"), index=True)
+    position: Mapped[int] = mapped_column(Integer)
+    run_id: Mapped[int] = mapped_column(ForeignKey("calibration_runs.id", ondelete="CASCADE"), index=True)
+
+    run: Mapped[CalibrationRun] = relationship(lazy="joined")

@@ -1,0 +1,120 @@
+"""Service settings: ONE pydantic-settings class read from the environment (prefix ``KVCALIB_``) or a ``.env`` file.
+
+Every service component (API, Celery worker, CLI, Alembic's ``migrations/env.py``) builds its configuration from
+``get_settings()``. With nothing configured the service is *embedded*: a SQLite file in the data directory and jobs
+executed in-process (a background thread pool of the API process). See ``docs/service.md`` for the table.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_data_dir() -> Path:
+    from kvcalib.calib.models import default_cache_dir
+
+    return default_cache_dir() / "service"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="KVCALIB_", env_file=".env", env_file_encoding="utf-8",
+                                      extra="ignore")
+
+    # ------------------------------------------------------------------ storage
+    data_dir: Path = Field(default_factory=_default_data_dir,
+                           description="Folder of the embedded SQLite database and stored artefacts.")
+    database_url: str | None = Field(
+        default=None,
+        description="SQLAlchemy URL, e.g. postgresql+psycopg://user@host/db. Default: sqlite:///<data_dir>/kvcalib.db")
+    auto_migrate: bool | None = Field(
+        default=None,
+        description="Run `alembic upgrade head` at start-up. Default: only for SQLite databases; a server database "
+                    "whose schema is not at head makes the app/worker refuse to start (run `kvcalib db upgrade`).")
+
+    # ------------------------------------------------------------------ job execution
+    broker_url: str | None = Field(
+        default=None, description="Celery broker (redis://...). None = embedded: jobs run in-process.")
+    result_backend: str | None = Field(default=None, description="Celery result backend. Default: the broker URL.")
+    queue: str = Field(default="kvcalib", description="Celery queue of calibration jobs.")
+    gpu_queue: str = Field(default="kvcalib-gpu", description="Celery queue consumed by GPU workers.")
+    route_to_gpu: bool = Field(default=False, description="Route calibration jobs to the GPU queue.")
+    worker_device: str = Field(default="cpu", description="Torch device of the model in workers (cpu, cuda).")
+    broker_visibility_timeout: int = Field(
+        default=3600, ge=1, description="Seconds before an unacknowledged job (dead worker) is redelivered.")
+    broker_timeout: float = Field(default=1.0, gt=0, description="Seconds to wait for the broker before a 503.")
+    job_max_retries: int = Field(default=3, ge=0, description="Automatic retries of a job on transient errors.")
+    job_retry_backoff: float = Field(default=2.0, ge=0, description="Base of the exponential retry backoff (s).")
+    inprocess_workers: int = Field(default=1, ge=1, le=16, description="Threads running embedded jobs.")
+    torch_threads: int | None = Field(
+        default=None, ge=1, description="torch intra-op threads of a worker / serve process (None = torch's default). "
+                                        "1 avoids thrashing when several model processes share few cores.")
+
+    # ------------------------------------------------------------------ calibration defaults
+    default_model: str = "smollm2-135m"
+    default_method: str = "compactor"
+    default_allocator: str = "uniform"
+    default_tolerance: float = Field(default=0.95, gt=0.0, le=1.0)
+    predictor_path: Path | None = Field(
+        default=None, description="Folder of a trained predictor (calib.predictors). None = the newest predictor "
+                                  "registered in the database, else the documented fallback.")
+
+    # ------------------------------------------------------------------ limits and security
+    max_document_bytes: int = Field(default=1_000_000, ge=1, description="Larger documents get 413.")
+    max_document_tokens: int = Field(
+        default=8192, ge=16, description="Longer documents get 413 (also capped at the model's context length).")
+    max_batch_documents: int = Field(default=10_000, ge=1, description="Larger batches get 413.")
+    max_request_bytes: int = Field(default=64 * 2**20, ge=1024,
+                                   description="Requests declaring a larger body get 413 before it is read.")
+    api_token: SecretStr | None = Field(
+        default=None, description="If set, every write endpoint (POST) needs `Authorization: Bearer <token>`.")
+    host: str = "127.0.0.1"
+    port: int = 8000
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("database_url", "broker_url", "result_backend", "api_token", mode="before")
+    @classmethod
+    def _empty_is_none(cls, v):
+        return None if isinstance(v, str) and not v.strip() else v
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def db_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'kvcalib.db').resolve()}"
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.db_url.startswith("sqlite")
+
+    @property
+    def migrate_on_start(self) -> bool:
+        return self.is_sqlite if self.auto_migrate is None else self.auto_migrate
+
+    @property
+    def embedded(self) -> bool:
+        """True when no broker is configured: jobs execute in the API process."""
+        return self.broker_url is None
+
+    @property
+    def backend_url(self) -> str | None:
+        return self.result_backend or self.broker_url
+
+    @property
+    def calibration_queue(self) -> str:
+        return self.gpu_queue if self.route_to_gpu else self.queue
+
+    @property
+    def token(self) -> str | None:
+        return self.api_token.get_secret_value() if self.api_token else None
+
+
+@functools.lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings (cached; tests build ``Settings(...)`` explicitly instead)."""
+    return Settings()
