@@ -28,6 +28,27 @@ import numpy as np
 import torch
 
 
+def redundant_corpus(path: Path, tokenizer, n_docs: int, seed: int, min_tokens: int, max_tokens: int) -> Path:
+    """A deliberately heterogeneous corpus (``--redundancy``): essay chunks of min..max tokens, each followed by a
+    verbatim repeat of a random fraction f ∈ {0, ¼, ½, ¾, 1} of its own lines. Repeated text survives eviction
+    better (a second copy can be copied from), so r* truly varies between documents — the setting where
+    per-context calibration can beat one global ratio."""
+    import random
+
+    from kvcalib.calib.corpus import load_corpus
+    from kvcalib.calib.documents import essays_dir
+
+    rng = random.Random(seed)
+    docs = load_corpus(essays_dir(), tokenizer, min_tokens, max_tokens, limit=n_docs, seed=seed)
+    with path.open("w", encoding="utf-8") as fh:
+        for d in docs:
+            lines = d.text.split("\n")
+            frac = rng.choice([0.0, 0.25, 0.5, 0.75, 1.0])
+            text = "\n".join(lines + lines[:int(round(frac * len(lines)))])
+            fh.write(json.dumps({"id": d.id + f"-rep{int(frac * 100)}", "text": text}) + "\n")
+    return path
+
+
 def calibrate_corpus(args, labels: Path) -> None:
     from tqdm import tqdm
 
@@ -38,8 +59,13 @@ def calibrate_corpus(args, labels: Path) -> None:
 
     config = CalibrationConfig(method=args.method, allocator=args.allocator, tolerance=args.tolerance)
     eng = Engine.load(args.model)
-    docs = load_corpus(args.corpus or essays_dir(), eng.tokenizer, args.min_tokens, args.max_tokens,
-                       limit=args.n_docs, seed=args.seed)
+    if args.redundancy:
+        corpus = redundant_corpus(Path(args.out_dir) / "corpus.jsonl", eng.tokenizer, args.n_docs, args.seed,
+                                  args.min_tokens, args.max_tokens)
+        docs = load_corpus(corpus, eng.tokenizer, 1, 10**6)  # already cut: one document per line
+    else:
+        docs = load_corpus(args.corpus or essays_dir(), eng.tokenizer, args.min_tokens, args.max_tokens,
+                           limit=args.n_docs, seed=args.seed)
     done = done_keys(read_labels(labels, must_exist=False))
     todo = [d for d in docs if (d.content_hash, config.params_hash()) not in done]
     print(f"{len(docs)} documents ({len(docs) - len(todo)} already labelled)")
@@ -121,6 +147,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--skip-calibrate", action="store_true", help="only fit/evaluate the existing labels")
+    ap.add_argument("--redundancy", action="store_true",
+                    help="heterogeneous variant: essay chunks with a random fraction of their lines repeated")
     ap.add_argument("--out-dir", default="results/calibration_corpus")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

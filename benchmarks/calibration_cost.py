@@ -1,7 +1,8 @@
 """Calibration cost: time of a full calibration (default grid of 10 ratios, default probes) ÷ time of one prefill of
 the same ~2k-token document, measured in the same process (target ≤ 2.0 on CPU).
 
-    python benchmarks/calibration_cost.py [--tokens 2000] [--repeats 3] [--threads N] [--out results/calibration_cost.json]
+    python benchmarks/calibration_cost.py [--tokens 2000] [--repeats 3] [--threads N]
+                                          [--out results/calibration_cost.json]
 
 The prefill is ``Engine.capture`` without the context NLL (the cheapest forward that gives the cache). Calibration
 and prefill runs are interleaved and the medians compared; wall-clock and process CPU time are both reported (on a
@@ -28,6 +29,9 @@ def main() -> None:
     ap.add_argument("--method", default="compactor")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--essay", default="worked", help="essay the document is cut from")
+    ap.add_argument("--n-probes", type=int, default=None)
+    ap.add_argument("--cue-tokens", type=int, default=None)
+    ap.add_argument("--probe-tokens", type=int, default=None)
     ap.add_argument("--out", default="results/calibration_cost.json")
     args = ap.parse_args()
     if args.threads:
@@ -45,7 +49,9 @@ def main() -> None:
     text = "\n\n".join(essays[k] for k in [args.essay] + sorted(essays))
     ids = eng.tokenizer(text, add_special_tokens=False).input_ids[:args.tokens]
     doc = eng.tokenizer.decode(ids)
-    config = CalibrationConfig(method=args.method)
+    overrides = {k: v for k, v in (("n_probes", args.n_probes), ("cue_tokens", args.cue_tokens),
+                                   ("probe_tokens", args.probe_tokens)) if v is not None}
+    config = CalibrationConfig(method=args.method, **overrides)
     ctx, _ = context_ids(eng, doc)
     eng.capture(ctx[:64])  # warm-up
     calibrate(eng, eng.tokenizer.decode(ids[:300]), config)

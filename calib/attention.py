@@ -78,6 +78,9 @@ def packed_attention(cache, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v:
     block = (seg[:, None] == seg[None, :]) & (rows[None, :] <= rows[:, None])  # (q, q)
     new_mask = torch.zeros(q_len, q_len, dtype=q.dtype, device=q.device).masked_fill_(~block, float("-inf"))
     new_mask = new_mask.repeat(g, 1)  # (g·q, q): folded row j·q + t is query t of head j
+    n_full = layer.keys.shape[2]
+    # [zeros for every cached slot | block-diagonal part]; a row keeping n slots uses its last n + q columns
+    template = torch.cat([new_mask.new_zeros(g * q_len, n_full), new_mask], dim=-1)
     q = q.expand(b, -1, -1, -1)
     k, v = k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)
     outs = []
@@ -99,7 +102,7 @@ def packed_attention(cache, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v:
         keys = torch.cat([ck, k[i]], dim=1).unsqueeze(0)  # (1, Hkv, n + q, d)
         values = torch.cat([cv, v[i]], dim=1).unsqueeze(0)
         if pad is None:
-            mask = torch.cat([new_mask.new_zeros(g * q_len, n), new_mask], dim=-1)[None, None]
+            mask = template[:, n_full - n:][None, None]
         else:
             cache_part = torch.zeros(hkv, 1, n, dtype=q.dtype, device=q.device).masked_fill_(pad[:, None],
                                                                                             float("-inf"))

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from kvcalib.calib import budget as budgets
+from kvcalib.calib.capture import Capture
 from kvcalib.calib.curve import DEFAULT_RATIOS, keep_masks, largest_safe_ratio, one_pass_curve
 from kvcalib.calib.documents import content_hash
 from kvcalib.calib.errors import KvcalibError
@@ -46,8 +47,8 @@ class CalibrationConfig:
     ratios: tuple[float, ...] = DEFAULT_RATIOS
     tolerance: float = 0.95
     n_probes: int = 4  # reconstruction probes (spans of the document)
-    probe_tokens: int = 12  # scored target tokens per probe
-    cue_tokens: int = 6  # document tokens fed before the target
+    probe_tokens: int = 10  # scored target tokens per probe
+    cue_tokens: int = 4  # document tokens fed before the target
     seed: int = 0  # span choice
 
     def __post_init__(self):
@@ -214,7 +215,7 @@ def _prepare(engine, text: str, config: CalibrationConfig, progress: Progress, w
 
 
 # ---------------------------------------------------------------------------------------------------- API
-def featurize(engine, text: str, config: CalibrationConfig) -> tuple[dict[str, float], "Capture", torch.Tensor]:  # noqa: F821
+def featurize(engine, text: str, config: CalibrationConfig) -> tuple[dict[str, float], Capture, torch.Tensor]:
     """One prefill + scores + features, no probes (what a prediction costs). Returns (features, capture, scores)."""
     _, _, cap, scores, _, feats, _ = _prepare(engine, text, config, _noop)
     return feats, cap, scores

@@ -44,7 +44,7 @@ def _ratio_key(r: float) -> str:
 def likelihood_features(token_nll: torch.Tensor | None) -> dict[str, float]:
     if token_nll is None or token_nll.numel() == 0:
         return {}
-    x = token_nll.double()
+    x = token_nll.detach().double().cpu()
     q = torch.quantile(x, torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64))
     return {
         "context_nll": float(x.mean()),
@@ -136,13 +136,14 @@ def attention_features(queries: torch.Tensor, keys: torch.Tensor, keep: torch.Te
     n_layers, hq, nq, d = queries.shape
     hkv, n = keys.shape[1], keys.shape[2]
     g = hq // hkv
+    dev = keys.device
     first = n - nq  # absolute position of queries[..., 0, :]
-    pos = _query_positions(n)
+    pos = _query_positions(n).to(dev)
     pos = pos[pos >= first]
     win = pos >= n - WINDOW
     sink, local, ent = [], [], []
-    mass = torch.zeros(len(ratios), dtype=torch.float64)
-    kpos = torch.arange(n)
+    mass = torch.zeros(len(ratios), dtype=torch.float64, device=dev)
+    kpos = torch.arange(n, device=dev)
     causal = kpos[None, :] <= pos[:, None]  # (P, N)
     for l in range(n_layers):
         q = queries[l, :, pos - first].float()  # (Hq, P, d)
@@ -165,7 +166,7 @@ def attention_features(queries: torch.Tensor, keys: torch.Tensor, keep: torch.Te
         "attn_entropy": float(t(ent).mean()), "attn_entropy_std": float(t(ent).std()) if n_layers > 1 else 0.0,
     }
     if keep is not None and len(ratios):
-        pairs = sorted(zip((float(r) for r in ratios), mass.tolist()))
+        pairs = sorted(zip((float(r) for r in ratios), mass.cpu().tolist()))
         for r, m in pairs:
             out[_ratio_key(r)] = float(m)
         for level, name in ((0.90, "mass_r90"), (0.95, "mass_r95")):

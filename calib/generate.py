@@ -73,3 +73,35 @@ def greedy_decode(
             policy.after_step(cache, step)
         sizes.append(cache.nbytes // cache.batch_size)
     return Generation(token_ids=out, seconds=time.perf_counter() - t0, cache_bytes=sizes)
+
+
+@torch.no_grad()
+def greedy_decode_batch(
+    model,
+    cache: RaggedKVCache,
+    prompt_ids: torch.Tensor,
+    max_new_tokens: int,
+    eos_token_ids: set[int] | None = None,
+) -> list[list[int]]:
+    """Greedy decoding of every batch row of ``cache`` at once (rows = different keep masks of one context).
+
+    Feeds the same ``prompt_ids`` (q,) to all rows, then each row's own argmax. A row that emitted EOS keeps being
+    fed EOS (its output is cut there) until every row is done. Equals ``greedy_decode`` row by row up to float
+    rounding, at the cost of one B-token forward per step instead of B one-token forwards."""
+    eos = eos_token_ids or set()
+    b = cache.batch_size
+    logits = forward_tokens(model, cache, prompt_ids.view(1, -1).expand(b, -1))  # (B, V)
+    out: list[list[int]] = [[] for _ in range(b)]
+    done = [False] * b
+    filler = next(iter(eos), 0)
+    for step in range(max_new_tokens):
+        nxt = logits.argmax(-1).tolist()  # (B,)
+        for i, tok in enumerate(nxt):
+            if not done[i]:
+                out[i].append(tok)
+                done[i] = tok in eos
+        if all(done) or step == max_new_tokens - 1:
+            break
+        ids = torch.tensor([[filler if done[i] else nxt[i]] for i in range(b)])  # (B, 1)
+        logits = forward_tokens(model, cache, ids)
+    return out

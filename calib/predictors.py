@@ -439,7 +439,8 @@ def fit_predictors(train: list[dict], cal: list[dict], alpha: float = 0.1, seed:
 
     Returns ``parametric`` (Compactor curve, fitted on train), ``parametric_conformal`` (its conformal bound on
     cal), ``gbm`` (quantile-α boosting on train), ``conformal`` (the conformal bound of ``gbm`` on cal — the
-    recommended predictor) and ``global`` (a single conformal ratio from train + cal: the baseline)."""
+    recommended predictor), ``conformal_median`` (the conformal bound of a median-boosting base) and ``global``
+    (a single conformal ratio from train + cal: the baseline)."""
     if not train or not cal:
         raise PredictorError(f"need labelled contexts in both train ({len(train)}) and calibration ({len(cal)})")
     if not 0.0 < alpha < 1.0:
@@ -455,11 +456,13 @@ def fit_predictors(train: list[dict], cal: list[dict], alpha: float = 0.1, seed:
                                                        [r["ratios"] for r in train], [r["fidelity"] for r in train])
     names = default_feature_names(feats_tr + feats_cal, per_layer=per_layer_features)
     gbm = QuantileGBMPredictor(quantile=alpha, r_max=r_max).fit(feats_tr, y_tr, seed=seed, feature_names=names)
+    median = QuantileGBMPredictor(quantile=0.5, r_max=r_max).fit(feats_tr, y_tr, seed=seed, feature_names=names)
     out: dict[str, Predictor] = {
         "parametric": par,
         "parametric_conformal": ConformalPredictor(par, alpha, r_max=r_max).calibrate(feats_cal, y_cal),
         "gbm": gbm,
         "conformal": ConformalPredictor(gbm, alpha, r_max=r_max).calibrate(feats_cal, y_cal),
+        "conformal_median": ConformalPredictor(median, alpha, r_max=r_max).calibrate(feats_cal, y_cal),
         "global": ConformalPredictor(ConstantPredictor(0.0), alpha, r_max=r_max).calibrate(
             feats_tr + feats_cal, np.concatenate([y_tr, y_cal])),
     }

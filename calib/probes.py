@@ -11,8 +11,8 @@ Per probe, fidelity at compression ratio r is ``g = NLL_full / NLL_r`` clipped t
 mean over the probe's target tokens); a context's fidelity is the mean over its probes. The mean next-token
 KL(full ‖ r) over every target position is reported beside it.
 
-Defaults (``CalibrationConfig``): K = 4 reconstruction probes of 6 cue + 12 target tokens, no separator (the cue
-directly follows the context; ``SEPARATOR`` can add one) — 72 probe tokens per ratio, sized so that a whole
+Defaults (``CalibrationConfig``): K = 4 reconstruction probes of 4 cue + 10 target tokens, no separator (the cue
+directly follows the context; ``SEPARATOR`` can add one) — 56 probe tokens per ratio, sized so that a whole
 calibration stays within ~2 prefills (docs/calibration.md). Spans are chosen deterministically from ``seed``: the
 document part of the context (after the chat header) minus a margin of ``EDGE_MARGIN`` tokens at both ends (beyond
 Compactor's protected first 8 / last 4 positions, which would make a probe trivially easy) is cut into K equal
@@ -99,8 +99,8 @@ def span_starts(lo: int, hi: int, n_probes: int, span: int, seed: int) -> list[i
     return starts
 
 
-def reconstruction_probes(context_ids: torch.Tensor, doc_start: int, n_probes: int = 4, cue_tokens: int = 6,
-                          probe_tokens: int = 12, seed: int = 0, separator_ids: list[int] | None = None,
+def reconstruction_probes(context_ids: torch.Tensor, doc_start: int, n_probes: int = 4, cue_tokens: int = 4,
+                          probe_tokens: int = 10, seed: int = 0, separator_ids: list[int] | None = None,
                           margin: int = EDGE_MARGIN) -> list[Probe]:
     """``n_probes`` spans of ``context_ids[doc_start:]`` (the document), each probe = separator + cue + target."""
     if n_probes < 0 or cue_tokens < 1 or probe_tokens < 1:

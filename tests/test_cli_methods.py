@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from kvcalib.calib.budget import available_allocators
@@ -13,16 +12,6 @@ from kvcalib.calib.scorers import available_methods
 from kvcalib.cli import app
 
 runner = CliRunner()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Run the real model on one intra-op thread: on a shared, oversubscribed CPU two spinning OpenMP threads make
-    token-by-token decoding several times slower, while one thread is barely slower on an idle machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_eval_passkey_new_method_with_adakv(engine):

@@ -156,3 +156,19 @@ def test_engine_runs_end_to_end_on_cuda_with_triton_kernels():
         b = gpu.run(text, q, method=method, budget=Budget(ratio=0.5), max_new_tokens=16)
         assert a.cache_report["kept_per_layer"] == b.cache_report["kept_per_layer"]
         assert "31415" in b.answer
+
+
+def test_batched_decoding_equals_row_by_row(engine, short_capture):
+    """Several keep masks of one context decode together as batch rows with the same tokens as one by one."""
+    from kvcalib.calib.generate import greedy_decode_batch
+
+    cap = short_capture
+    q = engine.prompt("x", "What is the essay about? Answer in a few words.").question_ids
+    keeps = torch.stack([allocate(get_scorer(m).score(cap), Budget(ratio=r))
+                         for m, r in (("compactor", 0.3), ("snapkv", 0.6), ("keynorm", 0.8))])  # (3, L, H, N)
+    batch = greedy_decode_batch(engine.lm.model, RaggedKVCache.from_mask(cap.keys, cap.values, keeps), q, 12,
+                                engine.eos_ids)
+    for keep, ids in zip(keeps, batch):
+        one = greedy_decode(engine.lm.model, RaggedKVCache.from_mask(cap.keys, cap.values, keep), q, 12,
+                            engine.eos_ids)
+        assert ids == one.token_ids

@@ -76,16 +76,6 @@ def test_eviction_matches_naive_on_a_ragged_cache(fuse):
             torch.testing.assert_close(k, before[0][0, h][before[2][0, h].tolist().index(p)])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Run the real model on one intra-op thread: on a shared, oversubscribed CPU two spinning OpenMP threads make
-    token-by-token decoding several times slower, while one thread is barely slower on an idle machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def short_prompt(engine):
     from kvcalib.calib.documents import load_essays

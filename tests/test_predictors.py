@@ -121,7 +121,7 @@ def test_save_load_round_trip_is_json_and_never_unpickles(tmp_path, monkeypatch)
               "config": {"tolerance": 0.95, "method": "compactor", "allocator": "uniform"},
               "content_hash": f"h{i}", "doc_id": f"g{i % 30}#{i}"} for i, (f, v) in enumerate(zip(feats, y))]
     preds = P.fit_predictors(train[:70], train[70:], alpha=0.1, seed=0)
-    assert set(preds) == {"parametric", "parametric_conformal", "gbm", "conformal", "global"}
+    assert set(preds) == {"parametric", "parametric_conformal", "gbm", "conformal", "conformal_median", "global"}
     P.save_predictors(tmp_path, preds, extra={"note": "test"})
     for f in tmp_path.iterdir():
         json.loads(f.read_text())  # every artefact is plain JSON

@@ -21,16 +21,6 @@ HKV, GROUP, DIM = 2, 3, 8
 INF = float("inf")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Run the real model on one intra-op thread: on a shared, oversubscribed CPU two spinning OpenMP threads make
-    token-by-token decoding several times slower, while one thread is barely slower on an idle machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def random_capture(n: int, layers: int = 2, seed: int = 0) -> Capture:
     gen = torch.Generator().manual_seed(seed)
     hq = HKV * GROUP

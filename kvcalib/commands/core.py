@@ -119,10 +119,12 @@ def eval_passkey(
 def demo(
     method: MethodOpt = "compactor",
     model: ModelOpt = "smollm2-135m",
+    serve: Annotated[bool, typer.Option(help="Also calibrate the essay through `kvcalib serve` (embedded).")] = True,
+    out_dir: Annotated[Path, typer.Option(help="Where the demo writes its curve plot.")] = Path("kvcalib-demo"),
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON report.")] = False,
 ):
     """The main job on the embedded defaults: compress a bundled essay (with a hidden passcode) at several ratios
-    and answer from each compressed cache."""
+    and answer from each compressed cache; then calibrate the essay through the embedded service."""
     from kvcalib.calib.budget import Budget
     from kvcalib.calib.documents import PACKAGE_DATA
     from kvcalib.calib.engine import Engine
@@ -139,15 +141,87 @@ def demo(
                      "kept_tokens": sum(res.cache_report["kept_per_layer"]),
                      "mib_held": round(res.cache_report["bytes_held"] / 2**20, 2),
                      "seconds": round(sum(res.timings.values()), 2)})
+    report = {"method": method, "context_tokens": res.context_tokens, "rows": rows}
+    if not as_json:
+        table = Table("ratio", "answer", "correct", "kept tokens", "MiB held", "seconds",
+                      title=f"{method} on a bundled essay ({res.context_tokens} tokens), expected 62817")
+        for r in rows:
+            table.add_row(f"{r['ratio']:.2f}", r["answer"][:48], "yes" if r["correct"] else "no",
+                          str(r["kept_tokens"]), f"{r['mib_held']:.2f}", f"{r['seconds']:.2f}")
+        Console().print(table)
+    if serve:
+        report["service"] = _demo_service(essay, method, model, out_dir, quiet=as_json)
     if as_json:
-        emit_json({"method": method, "context_tokens": res.context_tokens, "rows": rows})
-        return
-    table = Table("ratio", "answer", "correct", "kept tokens", "MiB held", "seconds",
-                  title=f"{method} on a bundled essay ({res.context_tokens} tokens), expected 62817")
-    for r in rows:
-        table.add_row(f"{r['ratio']:.2f}", r["answer"][:48], "yes" if r["correct"] else "no", str(r["kept_tokens"]),
-                      f"{r['mib_held']:.2f}", f"{r['seconds']:.2f}")
-    Console().print(table)
+        emit_json(report)
+
+
+def _demo_service(text: str, method: str, model: str, out_dir: Path, quiet: bool) -> dict:
+    """Start `kvcalib serve` with nothing configured (SQLite, in-process jobs), calibrate ``text`` through it."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+    from rich.progress import Progress
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KVCALIB_") or k == "KVCALIB_CACHE_DIR"}
+    server = subprocess.Popen([sys.executable, "-m", "kvcalib.cli", "serve", "--port", str(port),
+                               "--log-level", "warning"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        with httpx.Client(base_url=base, timeout=30) as client:
+            deadline = time.monotonic() + 120
+            while True:
+                if server.poll() is not None:
+                    fail(f"kvcalib serve exited: {server.stderr.read().decode()[-2000:]}")
+                try:
+                    if client.get("/healthz").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                if time.monotonic() > deadline:
+                    fail("kvcalib serve did not start within 120 s")
+                time.sleep(0.3)
+            r = client.post("/calibrate", json={"text": text, "mode": "full", "model": model, "method": method})
+            if r.status_code not in (200, 202):
+                fail(f"POST /calibrate answered {r.status_code}: {r.text}")
+            job = r.json()
+            with Progress(transient=True, disable=quiet, console=console) as bar:
+                task = bar.add_task("calibrating through the service", total=1.0)
+                while job["status"] not in ("succeeded", "failed"):
+                    time.sleep(0.5)
+                    job = client.get(job["url"].replace(base, "")).json()
+                    bar.update(task, completed=job["progress"], description=job.get("message") or "calibrating")
+            if job["status"] != "succeeded":
+                fail(f"calibration job failed: {job.get('error')}")
+            profile = client.get(job["profile_url"].replace(base, "")).json()
+            budget = client.get("/budget", params={"document_hash": job["document_hash"], "model": model,
+                                                   "method": method, "tolerance": job["tolerance"]}).json()
+            out_dir.mkdir(parents=True, exist_ok=True)
+            png = out_dir / "curve.png"
+            png.write_bytes(client.get(profile["curve_png_url"].replace(base, "")).content)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    summary = {"base_url": base, "job": job["id"], "r_star": profile.get("r_star"),
+               "curve": profile.get("curve"), "budget": {k: budget.get(k) for k in ("source", "ratio", "token_budget",
+                                                                                     "tolerance")},
+               "curve_png": str(png)}
+    if not quiet:
+        console.print(f"calibrated through kvcalib serve at {base} (SQLite, in-process jobs), job {job['id']}")
+        table = Table("ratio", "fidelity", title=f"fidelity curve, τ = {job['tolerance']}")
+        for pt in profile.get("curve") or []:
+            table.add_row(f"{pt['ratio']:.2f}", f"{pt['fidelity']:.3f}")
+        Console().print(table)
+        console.print(f"largest safe ratio r* = {profile.get('r_star'):.3f}; GET /budget → ratio "
+                      f"{budget.get('ratio'):.3f}, {budget.get('token_budget')} tokens per head "
+                      f"(source: {budget.get('source')}); curve plot: {png}")
+    return summary
 
 
 @friendly_errors
