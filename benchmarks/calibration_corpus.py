@@ -28,24 +28,60 @@ import numpy as np
 import torch
 
 
-def redundant_corpus(path: Path, tokenizer, n_docs: int, seed: int, min_tokens: int, max_tokens: int) -> Path:
-    """A deliberately heterogeneous corpus (``--redundancy``): essay chunks of min..max tokens, each followed by a
-    verbatim repeat of a random fraction f ∈ {0, ¼, ½, ¾, 1} of its own lines. Repeated text survives eviction
-    better (a second copy can be copied from), so r* truly varies between documents — the setting where
-    per-context calibration can beat one global ratio."""
+def mixed_corpus(path: Path, tokenizer, n_docs: int, seed: int, min_tokens: int, max_tokens: int) -> Path:
+    """A heterogeneous corpus (``--mixed``): half essay chunks, half chunks of the Python standard library's source
+    files (two genres whose curves truly differ), min..max tokens each, ids ``{essay|module}#{i}`` so splits
+    keep every essay / module on one side."""
     import random
+    import sysconfig
 
     from kvcalib.calib.corpus import load_corpus
-    from kvcalib.calib.documents import essays_dir
+    from kvcalib.calib.documents import chunk_by_tokens, essays_dir
 
     rng = random.Random(seed)
-    docs = load_corpus(essays_dir(), tokenizer, min_tokens, max_tokens, limit=n_docs, seed=seed)
+    essays = load_corpus(essays_dir(), tokenizer, min_tokens, max_tokens, seed=seed)
+    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
+    rng.shuffle(files)
+    code = []
+    for f in files:
+        if len(code) >= n_docs - n_docs // 2:
+            break
+        pieces = chunk_by_tokens(tokenizer, f.read_text(encoding="utf-8", errors="replace"), min_tokens, max_tokens)
+        code += [(f"py-{f.stem}#{i}", t) for i, t in enumerate(pieces[:2])]
+    docs = [(d.id, d.text) for d in essays[:n_docs // 2]] + code[:n_docs - n_docs // 2]
     with path.open("w", encoding="utf-8") as fh:
-        for d in docs:
-            lines = d.text.split("\n")
-            frac = rng.choice([0.0, 0.25, 0.5, 0.75, 1.0])
-            text = "\n".join(lines + lines[:int(round(frac * len(lines)))])
-            fh.write(json.dumps({"id": d.id + f"-rep{int(frac * 100)}", "text": text}) + "\n")
+        for doc_id, text in docs:
+            fh.write(json.dumps({"id": doc_id, "text": text}) + "\n")
+    return path
+
+
+def spread_corpus(path: Path, tokenizer, n_docs: int, seed: int, min_tokens: int, max_tokens: int) -> Path:
+    """Essay chunks whose lengths spread uniformly over min..max tokens (``--spread``; ``chunk_by_tokens`` fills
+    chunks up to the maximum, so an ordinary corpus has nearly one length). Ids ``{essay}#{i}``."""
+    import random
+
+    from kvcalib.calib.documents import essays_dir, load_essays
+
+    rng = random.Random(seed)
+    essays = load_essays(essays_dir())
+    names = sorted(essays)
+    rng.shuffle(names)
+    docs = []
+    for name in names:
+        lines = [ln for ln in essays[name].splitlines() if ln.strip()]
+        target, cur, n, i = rng.randint(min_tokens, max_tokens), [], 0, 0
+        for ln in lines:
+            cur.append(ln)
+            n += len(tokenizer(ln + "\n", add_special_tokens=False).input_ids)
+            if n >= target:
+                if n <= max_tokens * 1.1:
+                    docs.append((f"{name}#{i}", "\n".join(cur)))
+                    i += 1
+                target, cur, n = rng.randint(min_tokens, max_tokens), [], 0
+    rng.shuffle(docs)
+    with path.open("w", encoding="utf-8") as fh:
+        for doc_id, text in docs[:n_docs]:
+            fh.write(json.dumps({"id": doc_id, "text": text}) + "\n")
     return path
 
 
@@ -59,10 +95,13 @@ def calibrate_corpus(args, labels: Path) -> None:
 
     config = CalibrationConfig(method=args.method, allocator=args.allocator, tolerance=args.tolerance)
     eng = Engine.load(args.model)
-    if args.redundancy:
-        corpus = redundant_corpus(Path(args.out_dir) / "corpus.jsonl", eng.tokenizer, args.n_docs, args.seed,
-                                  args.min_tokens, args.max_tokens)
+    if args.mixed or args.spread:
+        make = mixed_corpus if args.mixed else spread_corpus
+        corpus = make(Path(args.out_dir) / "corpus.jsonl", eng.tokenizer, args.n_docs, args.seed,
+                      args.min_tokens, args.max_tokens)
         docs = load_corpus(corpus, eng.tokenizer, 1, 10**6)  # already cut: one document per line
+        for d in docs:  # keep the ids of the generated corpus (load_corpus appends #0 to single pieces)
+            d.id = d.id[:-2] if d.id.endswith("#0") and d.id.count("#") > 1 else d.id
     else:
         docs = load_corpus(args.corpus or essays_dir(), eng.tokenizer, args.min_tokens, args.max_tokens,
                            limit=args.n_docs, seed=args.seed)
@@ -147,8 +186,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--skip-calibrate", action="store_true", help="only fit/evaluate the existing labels")
-    ap.add_argument("--redundancy", action="store_true",
-                    help="heterogeneous variant: essay chunks with a random fraction of their lines repeated")
+    ap.add_argument("--spread", action="store_true",
+                    help="essay chunks with lengths spread uniformly over --min-tokens..--max-tokens")
+    ap.add_argument("--mixed", action="store_true",
+                    help="heterogeneous variant: half essay chunks, half Python standard-library source chunks")
     ap.add_argument("--out-dir", default="results/calibration_corpus")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

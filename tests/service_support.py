@@ -56,7 +56,7 @@ def pg_url():
     try:
         admin = _pg_admin()
     except Exception as exc:  # noqa: BLE001
-        pytest.skip(f"PostgreSQL is not reachable at {PG_ADMIN}: {exc}")
+        pytest.fail(f"PostgreSQL is not reachable (start it: .ci/services.sh) at {PG_ADMIN}: {exc}")
     name = f"kvcalib_test_{secrets.token_hex(4)}"
     admin.execute(f'CREATE DATABASE "{name}"')
     base = PG_ADMIN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://")
@@ -94,7 +94,7 @@ def redis_url():
     try:
         client.ping()
     except Exception as exc:  # noqa: BLE001
-        pytest.skip(f"Redis is not reachable at {url}: {exc}")
+        pytest.fail(f"Redis is not reachable (start it: .ci/services.sh) at {url}: {exc}")
     client.flushdb()
     try:
         yield url

@@ -302,7 +302,7 @@ def sweep_redis():
     try:
         client.ping()
     except Exception as exc:  # noqa: BLE001
-        pytest.skip(f"Redis is not reachable at {url}: {exc}")
+        pytest.fail(f"Redis is not reachable (start it: .ci/services.sh) at {url}: {exc}")
     try:
         yield url
     finally:
