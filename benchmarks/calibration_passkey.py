@@ -29,6 +29,9 @@ def main() -> None:
     ap.add_argument("--allocator", default="uniform")
     ap.add_argument("--also-ratio", type=float, action="append", default=[])
     ap.add_argument("--max-new-tokens", type=int, default=16)
+    ap.add_argument("--n-probes", type=int, default=None, help="reconstruction probes per context (default 4)")
+    ap.add_argument("--predictor", default=None,
+                    help="also answer at this predictor's ratio (folder or file from `kvcalib fit`)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--out", default="results/calibration_passkey.json")
@@ -47,7 +50,13 @@ def main() -> None:
     from kvcalib.calib.engine import Engine
 
     eng = Engine.load(args.model)
-    config = CalibrationConfig(method=args.method, allocator=args.allocator, tolerance=args.tolerance)
+    extra = {} if args.n_probes is None else {"n_probes": args.n_probes}
+    config = CalibrationConfig(method=args.method, allocator=args.allocator, tolerance=args.tolerance, **extra)
+    predictor = None
+    if args.predictor:
+        from kvcalib.calib.predictors import load_predictor
+
+        predictor = load_predictor(args.predictor)
     examples = tasks.passkey(eng.tokenizer, args.n, seed=args.seed, n_tokens=args.tokens)
     rows = []
     t0 = time.perf_counter()
@@ -59,7 +68,10 @@ def main() -> None:
         row = {"index": ex.meta["index"], "depth": ex.meta["depth"], "answer": ex.answer,
                "context_tokens": cap.num_tokens, "r_star": res.r_star, "monotone": res.monotone,
                "fidelity": res.fidelity}
-        for name, ratio in [("full", 0.0), ("calibrated", res.r_star)] + [(f"fixed_{r}", r) for r in args.also_ratio]:
+        runs = [("full", 0.0), ("calibrated", res.r_star)] + [(f"fixed_{r}", r) for r in args.also_ratio]
+        if predictor is not None:  # features come with the calibration result: no extra prefill
+            runs.append(("predicted", float(min(max(predictor.predict([res.features])[0], 0.0), 0.95))))
+        for name, ratio in runs:
             keep = eng.keep_mask(cap, scores, Budget(ratio=ratio), config.allocator)
             text, _ = eng.answer(RaggedKVCache.from_mask(cap.keys, cap.values, keep), prompt.question_ids,
                                  args.max_new_tokens)
@@ -68,7 +80,8 @@ def main() -> None:
     acc = {k: sum(r[k]["correct"] for r in rows) / len(rows) for k in rows[0] if isinstance(rows[0][k], dict)}
     report = {
         "task": "passkey", "n": args.n, "tokens": args.tokens, "seed": args.seed, "method": args.method,
-        "allocator": args.allocator, "tolerance": args.tolerance, "accuracy": acc,
+        "allocator": args.allocator, "tolerance": args.tolerance, "config": config.to_dict(),
+        "predictor": getattr(predictor, "version", None), "accuracy": acc,
         "relative_accuracy_calibrated": (acc["calibrated"] / acc["full"]) if acc["full"] else None,
         "mean_recommended_ratio": statistics.mean(r["r_star"] for r in rows),
         "min_recommended_ratio": min(r["r_star"] for r in rows),
