@@ -104,14 +104,11 @@ class ProfileSummary(BaseModel):
     seconds: float | None = None
 
 
-class JobOut(BaseModel):
-    id: int
-    url: str
-    status: Literal["queued", "running", "succeeded", "failed"]
-    progress: float
-    message: str | None = None
-    error: str | None = None
-    attempts: int
+class CalibrationKeyOut(BaseModel):
+    """Fields of jobs and profiles alike: what was calibrated (document, model, parameters). Listed as the first
+    base (``JobOut(CalibrationKeyOut, _JobHead)``): pydantic orders fields from the last base to the class itself,
+    so they follow the head's fields in the JSON, where they always stood."""
+
     document_id: int
     document_hash: str
     model: str
@@ -119,6 +116,19 @@ class JobOut(BaseModel):
     method: str
     allocator: str
     tolerance: float
+
+
+class _JobHead(BaseModel):
+    id: int
+    url: str
+    status: Literal["queued", "running", "succeeded", "failed"]
+    progress: float
+    message: str | None = None
+    error: str | None = None
+    attempts: int
+
+
+class JobOut(CalibrationKeyOut, _JobHead):
     params_hash: str
     params: dict[str, Any]
     created_at: dt.datetime
@@ -135,16 +145,12 @@ class CurvePointOut(BaseModel):
     kl: float | None = None
 
 
-class ProfileOut(BaseModel):
+class _ProfileHead(BaseModel):
     id: int
     job_id: int
-    document_id: int
-    document_hash: str
-    model: str
-    model_revision: str
-    method: str
-    allocator: str
-    tolerance: float
+
+
+class ProfileOut(CalibrationKeyOut, _ProfileHead):
     r_star: float
     token_budget: int
     context_tokens: int

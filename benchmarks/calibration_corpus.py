@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 from pathlib import Path
 
@@ -49,15 +50,17 @@ def mixed_corpus(path: Path, tokenizer, n_docs: int, seed: int, min_tokens: int,
         pieces = chunk_by_tokens(tokenizer, f.read_text(encoding="utf-8", errors="replace"), min_tokens, max_tokens)
         code += [(f"py-{f.stem}#{i}", t) for i, t in enumerate(pieces[:2])]
     docs = [(d.id, d.text) for d in essays[:n_docs // 2]] + code[:n_docs - n_docs // 2]
-    with path.open("w", encoding="utf-8") as fh:
-        for doc_id, text in docs:
-            fh.write(json.dumps({"id": doc_id, "text": text}) + "\n")
+    _write_atomic(path, docs)
     return path
 
 
-def spread_corpus(path: Path, tokenizer, n_docs: int, seed: int, min_tokens: int, max_tokens: int) -> Path:
+def spread_corpus(path: Path, tokenizer, n_docs: int, seed: int, min_tokens: int, max_tokens: int,
+                  chunkings: int = 1) -> Path:
     """Essay chunks whose lengths spread uniformly over min..max tokens (``--spread``; ``chunk_by_tokens`` fills
-    chunks up to the maximum, so an ordinary corpus has nearly one length). Ids ``{essay}#{i}``."""
+    chunks up to the maximum, so an ordinary corpus has nearly one length). Ids ``{essay}#{i}``.
+
+    ``chunkings`` > 1 cuts every essay again with other random lengths (ids ``{essay}#c{k}-{i}``): more documents
+    from the same text, overlapping those of the first cut — splits stay by essay, so no test essay is ever seen."""
     import random
 
     from kvcalib.calib.documents import essays_dir, load_essays
@@ -67,22 +70,31 @@ def spread_corpus(path: Path, tokenizer, n_docs: int, seed: int, min_tokens: int
     names = sorted(essays)
     rng.shuffle(names)
     docs = []
-    for name in names:
+    for name, cut in ((nm, c) for c in range(chunkings) for nm in names):
         lines = [ln for ln in essays[name].splitlines() if ln.strip()]
+        tag = "" if cut == 0 else f"c{cut}-"
         target, cur, n, i = rng.randint(min_tokens, max_tokens), [], 0, 0
         for ln in lines:
             cur.append(ln)
             n += len(tokenizer(ln + "\n", add_special_tokens=False).input_ids)
             if n >= target:
                 if n <= max_tokens * 1.1:
-                    docs.append((f"{name}#{i}", "\n".join(cur)))
+                    docs.append((f"{name}#{tag}{i}", "\n".join(cur)))
                     i += 1
                 target, cur, n = rng.randint(min_tokens, max_tokens), [], 0
     rng.shuffle(docs)
-    with path.open("w", encoding="utf-8") as fh:
-        for doc_id, text in docs[:n_docs]:
-            fh.write(json.dumps({"id": doc_id, "text": text}) + "\n")
+    _write_atomic(path, docs[:n_docs])
     return path
+
+
+def _write_atomic(path: Path, docs: list[tuple[str, str]]) -> None:
+    """Write the (id, text) corpus as JSONL through a rename, so that shards generating it at once never read a
+    half-written file."""
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    with tmp.open("w", encoding="utf-8") as fh:
+        for doc_id, text in docs:
+            fh.write(json.dumps({"id": doc_id, "text": text}) + "\n")
+    os.replace(tmp, path)
 
 
 def calibrate_corpus(args, labels: Path) -> None:
@@ -94,20 +106,29 @@ def calibrate_corpus(args, labels: Path) -> None:
     from kvcalib.calib.engine import Engine
 
     config = CalibrationConfig(method=args.method, allocator=args.allocator, tolerance=args.tolerance)
+    if args.n_probes is not None:
+        config = CalibrationConfig(**{**config.to_dict(), "n_probes": args.n_probes})
     eng = Engine.load(args.model)
     if args.mixed or args.spread:
-        make = mixed_corpus if args.mixed else spread_corpus
-        corpus = make(Path(args.out_dir) / "corpus.jsonl", eng.tokenizer, args.n_docs, args.seed,
-                      args.min_tokens, args.max_tokens)
+        out = Path(args.out_dir) / "corpus.jsonl"
+        if args.mixed:
+            corpus = mixed_corpus(out, eng.tokenizer, args.n_docs, args.seed, args.min_tokens, args.max_tokens)
+        else:
+            corpus = spread_corpus(out, eng.tokenizer, args.n_docs, args.seed, args.min_tokens, args.max_tokens,
+                                   args.chunkings)
         docs = load_corpus(corpus, eng.tokenizer, 1, 10**6)  # already cut: one document per line
         for d in docs:  # keep the ids of the generated corpus (load_corpus appends #0 to single pieces)
             d.id = d.id[:-2] if d.id.endswith("#0") and d.id.count("#") > 1 else d.id
     else:
         docs = load_corpus(args.corpus or essays_dir(), eng.tokenizer, args.min_tokens, args.max_tokens,
                            limit=args.n_docs, seed=args.seed)
-    done = done_keys(read_labels(labels, must_exist=False))
+    done = set()
+    for f in labels.parent.glob("labels*.jsonl"):
+        done |= done_keys(read_labels(f, must_exist=False))
     todo = [d for d in docs if (d.content_hash, config.params_hash()) not in done]
     print(f"{len(docs)} documents ({len(docs) - len(todo)} already labelled)")
+    shard, n_shards = args.shard
+    todo = todo[shard::n_shards]
     for d in tqdm(todo, desc="calibrate", unit="doc"):
         append_label(labels, calibrate(eng, d.text, config, doc_id=d.id).to_dict())
 
@@ -171,6 +192,16 @@ def summarise(rows: list[dict], alpha: float, splits: int, seed: int, out_dir: P
     return summary
 
 
+def _shard(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected I/N, e.g. 0/2, got {text!r}") from None
+    if not 0 <= i < n:
+        raise argparse.ArgumentTypeError(f"shard index must satisfy 0 <= I < N, got {text!r}")
+    return i, n
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--corpus", default=None, help="folder of .txt or JSONL (default: the shared essays)")
@@ -178,16 +209,22 @@ def main() -> None:
     ap.add_argument("--min-tokens", type=int, default=1000)
     ap.add_argument("--max-tokens", type=int, default=1500)
     ap.add_argument("--method", default="compactor")
-    ap.add_argument("--allocator", default="uniform")
+    ap.add_argument("--allocator", default="adakv")
     ap.add_argument("--tolerance", type=float, default=0.95)
     ap.add_argument("--alpha", type=float, default=0.1)
     ap.add_argument("--splits", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--n-probes", type=int, default=None, help="reconstruction probes (default: CalibrationConfig's)")
+    ap.add_argument("--shard", type=_shard, default=(0, 1), metavar="I/N",
+                    help="label only every N-th document from the I-th (0-based), into labels.I.jsonl: run N "
+                         "processes at once, then once more with --skip-calibrate (every labels*.jsonl is read)")
     ap.add_argument("--skip-calibrate", action="store_true", help="only fit/evaluate the existing labels")
     ap.add_argument("--spread", action="store_true",
                     help="essay chunks with lengths spread uniformly over --min-tokens..--max-tokens")
+    ap.add_argument("--chunkings", type=int, default=1,
+                    help="with --spread: cut every essay this many times with different random lengths")
     ap.add_argument("--mixed", action="store_true",
                     help="heterogeneous variant: half essay chunks, half Python standard-library source chunks")
     ap.add_argument("--out-dir", default="results/calibration_corpus")
@@ -195,13 +232,17 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    labels = out_dir / "labels.jsonl"
+    shard, n_shards = args.shard
+    labels = out_dir / ("labels.jsonl" if n_shards == 1 else f"labels.{shard}.jsonl")
     if not args.skip_calibrate:
         calibrate_corpus(args, labels)
+        if n_shards > 1:
+            print(f"shard {shard}/{n_shards} done; summarise with --skip-calibrate once every shard is")
+            return
 
     from kvcalib.calib.corpus import consistent_labels, read_labels
 
-    rows = consistent_labels(read_labels(labels))
+    rows = consistent_labels([r for f in sorted(out_dir.glob("labels*.jsonl")) for r in read_labels(f)])
     summary = summarise(rows, args.alpha, args.splits, args.seed, out_dir)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     r = summary["r_star"]

@@ -13,12 +13,15 @@ features, probes) comes from ``CalibrationResult.timings``.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py beside it, also under -m
+from common import write_report  # noqa: E402
 
 
 def main() -> None:
@@ -88,10 +91,7 @@ def main() -> None:
               f"{report['ratio_cpu']:.2f}")
     Console().print(t)
     Console().print("breakdown (wall, last run): " + ", ".join(f"{k} {v:.2f}" for k, v in res.timings.items()))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1) + "\n")
-    print(f"wrote {out}")
+    write_report(report, args.out, indent=1)
 
 
 if __name__ == "__main__":

@@ -11,12 +11,15 @@ question is answered from the full cache and from the cache compressed at that c
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py beside it, also under -m
+from common import write_report  # noqa: E402
 
 
 def main() -> None:
@@ -26,10 +29,10 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tolerance", type=float, default=0.95)
     ap.add_argument("--method", default="compactor")
-    ap.add_argument("--allocator", default="uniform")
+    ap.add_argument("--allocator", default="adakv")
     ap.add_argument("--also-ratio", type=float, action="append", default=[])
     ap.add_argument("--max-new-tokens", type=int, default=16)
-    ap.add_argument("--n-probes", type=int, default=None, help="reconstruction probes per context (default 4)")
+    ap.add_argument("--n-probes", type=int, default=None, help="reconstruction probes per context (default: CalibrationConfig's)")
     ap.add_argument("--predictor", default=None,
                     help="also answer at this predictor's ratio (folder or file from `kvcalib fit`)")
     ap.add_argument("--threads", type=int, default=None)
@@ -95,10 +98,7 @@ def main() -> None:
         mean_ratio = statistics.mean(r[k]["ratio"] for r in rows)
         print(f"  {k:>12}: accuracy {v:.2%}  (mean compression ratio {mean_ratio:.3f})")
     print(f"  calibrated / full = {report['relative_accuracy_calibrated']}  -> meets target: {report['meets_target']}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1) + "\n")
-    print(f"wrote {out}")
+    write_report(report, args.out, indent=1)
 
 
 if __name__ == "__main__":

@@ -12,11 +12,13 @@ GPU nothing is timed: the script says so, writes a JSON stating it, and exits 0.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py beside it, also under -m
+from common import write_report  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -170,9 +172,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{r['op']:24s} {r['shape']:52s} {r['ms_triton']:10.3f} {r['ms_torch']:10.3f} "
                   f"{r['speedup']:8.1f}x {r['gbps_triton']:8.0f}")
         status = 0
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_report(report, args.out)
     return status
 
 

@@ -11,7 +11,6 @@ ratio, and writes JSON with the per-step series, peaks, decode speed and token a
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import sys
@@ -24,6 +23,9 @@ from kvcalib.calib.cache import RaggedKVCache
 from kvcalib.calib.engine import Engine
 from kvcalib.calib.generate import greedy_decode
 from kvcalib.calib.morphkv import MorphKV
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py beside it, also under -m
+from common import write_report  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -90,10 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"peak: full {max(fb) / mib:.2f} MiB, MorphKV {max(mb) / mib:.2f} MiB "
           f"(saving {1 - max(mb) / max(fb):.1%}); decode {report['tokens_per_s_full']:.1f} vs "
           f"{report['tokens_per_s_morphkv']:.1f} tok/s; token agreement {report['token_agreement']:.1%}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    print(f"wrote {out}", file=sys.stderr)
+    write_report(report, args.out, stream=sys.stderr)
     return report
 
 

@@ -12,7 +12,6 @@ together as the rows of one batch (``greedy_decode_batch``). Prints a table and 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -26,6 +25,9 @@ from kvcalib.calib.cache import RaggedKVCache
 from kvcalib.calib.engine import Engine
 from kvcalib.calib.generate import greedy_decode_batch
 from kvcalib.calib.scorers import available_methods, get_scorer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py beside it, also under -m
+from common import write_report  # noqa: E402
 
 BUDGET_DEPENDENT = {"lookahead"}  # methods whose scores depend on the target budget
 
@@ -116,10 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
         "examples": rows,
     }
     print_table(report, methods, allocators, ratios)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    print(f"wrote {out}", file=sys.stderr)
+    write_report(report, args.out, stream=sys.stderr)
     return report
 
 

@@ -6,13 +6,16 @@
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py beside it, also under -m
+from common import write_report  # noqa: E402
 
 
 def main() -> None:
@@ -54,10 +57,7 @@ def main() -> None:
     print(f"{'method':<12}{'score s':>10}{'score/prefill':>15}")
     for r in rows:
         print(f"{r['method']:<12}{r['score_s']:>10.3f}{r['score_over_prefill']:>15.3f}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"context_tokens": cap.num_tokens, "prefill_s": base, "rows": rows}, indent=2))
-    print(f"wrote {out}")
+    write_report({"context_tokens": cap.num_tokens, "prefill_s": base, "rows": rows}, args.out)
 
 
 if __name__ == "__main__":

@@ -43,11 +43,11 @@ class CalibrationConfig:
 
     method: str = "compactor"
     method_params: dict = field(default_factory=dict)
-    allocator: str = "uniform"
+    allocator: str = "adakv"  # head-adaptive (docs/calibration.md §10: safer than uniform at every ratio)
     ratios: tuple[float, ...] = DEFAULT_RATIOS
     tolerance: float = 0.95
-    n_probes: int = 4  # reconstruction probes (spans of the document)
-    probe_tokens: int = 10  # scored target tokens per probe
+    n_probes: int = 6  # reconstruction probes (spans of the document)
+    probe_tokens: int = 6  # scored target tokens per probe
     cue_tokens: int = 4  # document tokens fed before the target
     seed: int = 0  # span choice
 

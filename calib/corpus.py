@@ -39,15 +39,11 @@ class Document:
 
 
 def _read_jsonl(path: Path) -> list[dict]:
+    from kvcalib.calib.jsonl import iter_jsonl
+
     rows = []
     with path.open(encoding="utf-8") as fh:
-        for i, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise CorpusError(f"{path}:{i}: invalid JSON ({exc.msg})") from None
+        for i, obj in iter_jsonl(fh, lambda i, msg: CorpusError(f"{path}:{i}: {msg}")):
             if not isinstance(obj, dict):
                 raise CorpusError(f"{path}:{i}: expected a JSON object")
             rows.append(obj)

@@ -11,8 +11,8 @@ Per probe, fidelity at compression ratio r is ``g = NLL_full / NLL_r`` clipped t
 mean over the probe's target tokens); a context's fidelity is the mean over its probes. The mean next-token
 KL(full ‖ r) over every target position is reported beside it.
 
-Defaults (``CalibrationConfig``): K = 4 reconstruction probes of 4 cue + 10 target tokens, no separator (the cue
-directly follows the context; ``SEPARATOR`` can add one) — 56 probe tokens per ratio, sized so that a whole
+Defaults (``CalibrationConfig``): K = 6 reconstruction probes of 4 cue + 6 target tokens, no separator (the cue
+directly follows the context; ``SEPARATOR`` can add one) — 60 probe tokens per ratio, sized so that a whole
 calibration stays within ~2 prefills (docs/calibration.md). Spans are chosen deterministically from ``seed``: the
 document part of the context (after the chat header) minus a margin of ``EDGE_MARGIN`` tokens at both ends (beyond
 Compactor's protected first 8 / last 4 positions, which would make a probe trivially easy) is cut into K equal

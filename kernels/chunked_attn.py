@@ -24,6 +24,35 @@ LOG2E = math.log2(math.e)
 
 
 @triton.jit
+def _chunk_block(HQ, N, CHUNK, BLOCK: tl.constexpr):
+    """Where a program of grid (B·Hq, chunks, blocks per chunk) works: batch b and query head h (int64), its chunk
+    [c0, c1) (the last one may be shorter) and its block of BLOCK positions in the chunk with their mask."""
+    pid_bh = tl.program_id(0)
+    c0 = tl.program_id(1) * CHUNK
+    c1 = tl.minimum(c0 + CHUNK, N)
+    b = (pid_bh // HQ).to(tl.int64)
+    h = (pid_bh % HQ).to(tl.int64)
+    idx = c0 + tl.program_id(2) * BLOCK + tl.arange(0, BLOCK)
+    return b, h, c0, c1, idx, idx < c1
+
+
+@triton.jit
+def _load_rows(base, idx, ok, s_idx, s_d, D, BLOCK_D: tl.constexpr):
+    """(len(idx), BLOCK_D) tile of rows ``idx`` of the (·, D) matrix at ``base``; zeros where ``ok`` is false."""
+    offs_d = tl.arange(0, BLOCK_D)
+    return tl.load(base + idx[:, None] * s_idx + offs_d[None, :] * s_d,
+                   mask=ok[:, None] & (offs_d < D)[None, :], other=0.0)
+
+
+@triton.jit
+def _load_rows_t(base, idx, ok, s_idx, s_d, D, BLOCK_D: tl.constexpr):
+    """The same rows transposed: a (BLOCK_D, len(idx)) tile."""
+    offs_d = tl.arange(0, BLOCK_D)
+    return tl.load(base + idx[None, :] * s_idx + offs_d[:, None] * s_d,
+                   mask=ok[None, :] & (offs_d < D)[:, None], other=0.0)
+
+
+@triton.jit
 def _chunk_rowstats_kernel(
     q_ptr, k_ptr, m_ptr, l_ptr,
     sqb, sqh, sqn, sqd,
@@ -32,25 +61,15 @@ def _chunk_rowstats_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, QK_DOT: tl.constexpr,
 ):
     """Grid (B·Hq, chunks, row blocks per chunk). m (log2 domain), l: (B, Hq, N)."""
-    pid_bh = tl.program_id(0)
-    c0 = tl.program_id(1) * CHUNK
-    c1 = tl.minimum(c0 + CHUNK, N)
-    b = (pid_bh // HQ).to(tl.int64)
-    h = (pid_bh % HQ).to(tl.int64)
-    rows = c0 + tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < c1
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
-    q = tl.load(q_ptr + b * sqb + h * sqh + rows[:, None] * sqn + offs_d[None, :] * sqd,
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
+    b, h, c0, c1, rows, row_ok = _chunk_block(HQ, N, CHUNK, BLOCK_M)
+    q = _load_rows(q_ptr + b * sqb + h * sqh, rows, row_ok, sqn, sqd, D, BLOCK_D)  # (BLOCK_M, BLOCK_D)
     k_base = k_ptr + b * skb + (h // G) * skh
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     for j0 in range(c0, c1, BLOCK_N):
         cols = j0 + tl.arange(0, BLOCK_N)
         col_ok = cols < c1
-        kt = tl.load(k_base + cols[None, :] * skn + offs_d[:, None] * skd,
-                     mask=col_ok[None, :] & d_ok[:, None], other=0.0)  # (BLOCK_D, BLOCK_N)
+        kt = _load_rows_t(k_base, cols, col_ok, skn, skd, D, BLOCK_D)  # (BLOCK_D, BLOCK_N)
         z = tl.dot(q, kt, input_precision=QK_DOT) * scale_log2  # (BLOCK_M, BLOCK_N)
         z = tl.where(col_ok[None, :], z, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(z, 1))
@@ -70,24 +89,15 @@ def _chunk_colsum_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, QK_DOT: tl.constexpr,
 ):
     """Grid (B·Hq, chunks, key blocks per chunk). out: (B, Hq, N) fp32."""
-    pid_bh = tl.program_id(0)
-    c0 = tl.program_id(1) * CHUNK
-    c1 = tl.minimum(c0 + CHUNK, N)
-    b = (pid_bh // HQ).to(tl.int64)
-    h = (pid_bh % HQ).to(tl.int64)
-    cols = c0 + tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < c1
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
-    kt = tl.load(k_ptr + b * skb + (h // G) * skh + cols[None, :] * skn + offs_d[:, None] * skd,
-                 mask=col_ok[None, :] & d_ok[:, None], other=0.0)  # (BLOCK_D, BLOCK_N)
+    b, h, c0, c1, cols, col_ok = _chunk_block(HQ, N, CHUNK, BLOCK_N)
+    kt = _load_rows_t(k_ptr + b * skb + (h // G) * skh, cols, col_ok, skn, skd, D, BLOCK_D)  # (BLOCK_D, BLOCK_N)
+    q_base = q_ptr + b * sqb + h * sqh
     row_base = (b * HQ + h) * N
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     for i0 in range(c0, c1, BLOCK_M):
         rows = i0 + tl.arange(0, BLOCK_M)
         row_ok = rows < c1
-        q = tl.load(q_ptr + b * sqb + h * sqh + rows[:, None] * sqn + offs_d[None, :] * sqd,
-                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
+        q = _load_rows(q_base, rows, row_ok, sqn, sqd, D, BLOCK_D)  # (BLOCK_M, BLOCK_D)
         m = tl.load(m_ptr + row_base + rows, mask=row_ok, other=0.0)
         l = tl.load(l_ptr + row_base + rows, mask=row_ok, other=1.0)
         z = tl.dot(q, kt, input_precision=QK_DOT) * scale_log2  # (BLOCK_M, BLOCK_N)

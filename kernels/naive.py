@@ -114,10 +114,15 @@ def ragged_compact(
     keep: torch.Tensor,  # (H, N) bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pack the kept positions of every head contiguously: (T, d), (T, d), offsets (H + 1,) int64."""
-    counts = keep.sum(-1)
-    offsets = torch.zeros(keep.shape[0] + 1, dtype=torch.int64, device=keys.device)
-    offsets[1:] = torch.cumsum(counts, 0)
-    return keys[keep], values[keep], offsets
+    return keys[keep], values[keep], packed_offsets(keep, keys.device)
+
+
+def packed_offsets(keep: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
+    """Offsets (H + 1,) int64 of the packed layout of ``keep`` (H, N): head h's kept entries are rows
+    offsets[h]:offsets[h+1]."""
+    offsets = torch.zeros(keep.shape[0] + 1, dtype=torch.int64, device=keep.device if device is None else device)
+    offsets[1:] = torch.cumsum(keep.sum(-1), 0)
+    return offsets
 
 
 def ragged_decode(

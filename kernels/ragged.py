@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from kvcalib.kernels._common import dot_precision, interpreter_safe, pow2, target_programs
+from kvcalib.kernels.naive import packed_offsets
 
 LOG2E = math.log2(math.e)
 BLOCK_N = 64
@@ -154,9 +155,7 @@ def ragged_compact(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton version of ``naive.ragged_compact``: (T, d), (T, d), offsets (H + 1,) int64."""
     h, n, d = keys.shape
-    counts = keep.sum(-1)
-    offsets = torch.zeros(h + 1, dtype=torch.int64, device=keys.device)
-    offsets[1:] = torch.cumsum(counts, 0)
+    offsets = packed_offsets(keep, keys.device)
     total = int(offsets[-1])
     dest = keep.reshape(-1).cumsum(0) - 1  # (H·N,) packed row of each kept entry
     k_out = torch.empty(total, d, device=keys.device, dtype=keys.dtype)

@@ -57,7 +57,7 @@ class Settings(BaseSettings):
     # ------------------------------------------------------------------ calibration defaults
     default_model: str = "smollm2-135m"
     default_method: str = "compactor"
-    default_allocator: str = "uniform"
+    default_allocator: str = "adakv"
     default_tolerance: float = Field(default=0.95, gt=0.0, le=1.0)
     predictor_path: Path | None = Field(
         default=None, description="Folder of a trained predictor (calib.predictors). None = the newest predictor "

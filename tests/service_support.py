@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -85,11 +86,13 @@ def clean_pg(pg_url):
 
 
 # ---------------------------------------------------------------------------------------------------- Redis
-@pytest.fixture(scope="session")
-def redis_url():
+@contextmanager
+def redis_db(db: int):
+    """URL of Redis DB number ``db`` (``KVCALIB_TEST_REDIS``), flushed before and after; fails the test when Redis
+    is down."""
     import redis
 
-    url = f"{REDIS_BASE}/{REDIS_DB}"
+    url = f"{REDIS_BASE}/{db}"
     client = redis.Redis.from_url(url, socket_connect_timeout=2)
     try:
         client.ping()
@@ -101,6 +104,12 @@ def redis_url():
     finally:
         client.flushdb()
         client.close()
+
+
+@pytest.fixture(scope="session")
+def redis_url():
+    with redis_db(REDIS_DB) as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

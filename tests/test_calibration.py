@@ -18,18 +18,6 @@ from kvcalib.calib.calibrate import (CalibrationConfig, CalibrationResult, Predi
 from kvcalib.calib.errors import KvcalibError
 
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny forwards: one thread avoids OpenMP oversubscription stalls on a shared CPU (restored afterwards)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def scored(engine, short_capture):
     scores = engine.scorer("compactor").score(short_capture)
@@ -220,7 +208,7 @@ def test_bad_config_is_a_kvcalib_error_naming_the_choices(d, message):
 # ------------------------------------------------------------------------------------------------ API
 def test_calibrate_contract(engine, short_text):
     seen = []
-    cfg = CalibrationConfig(ratios=(0.2, 0.5, 0.8), n_probes=2, probe_tokens=8, cue_tokens=6)
+    cfg = CalibrationConfig(ratios=(0.2, 0.5, 0.8), n_probes=2, probe_tokens=8, cue_tokens=6, allocator="uniform")
     res = calibrate(engine, short_text, cfg, progress=lambda f, m: seen.append((f, m)),
                     user_probes=[("What is this essay about?", "Startups.")])
     n = res.context_tokens

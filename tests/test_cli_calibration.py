@@ -11,17 +11,6 @@ from kvcalib.cli import app
 
 runner = CliRunner()
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny forwards: one thread avoids OpenMP oversubscription stalls on a shared CPU (restored afterwards)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 TINY = ["--min-tokens", "120", "--max-tokens", "200", "--ratios", "0.3,0.7", "--n-probes", "2",
         "--probe-tokens", "8", "--cue-tokens", "6", "--quiet"]
 

@@ -83,6 +83,20 @@ def protect_last(x: list[float], w: int) -> list[float]:
     return x[: len(x) - w] + [INF] * w
 
 
+def naive_window_method(cap: Capture, w: int, how: str, per_key) -> list:
+    """The SnapKV-style skeleton in plain Python: for every layer and query head, ``per_key(vs, att)`` gives the N
+    raw scores from the head's values and its window attention; they are max-pooled over the prefix, reduced over
+    each GQA group (``how``) and the last w positions protected."""
+    out = []
+    for l in range(cap.num_layers):
+        per_q = []
+        for qh in range(HKV * GROUP):
+            vs = rows(cap.values[l, qh // GROUP])
+            per_q.append(maxpool_prefix(per_key(vs, window_attention(cap, l, qh, w)), w))
+        out.append([protect_last(x, w) for x in gqa(per_q, how)])
+    return out
+
+
 def assert_scores(got: torch.Tensor, want: list, rtol: float = 1e-4):
     want = torch.tensor(want, dtype=torch.float64)
     assert got.shape == want.shape
@@ -94,29 +108,23 @@ def assert_scores(got: torch.Tensor, want: list, rtol: float = 1e-4):
 
 # ---------------------------------------------------------------------------------------------- OBCache
 def naive_obcache(cap: Capture, w: int, saliency: str) -> list:
-    n = cap.num_tokens
-    out = []
-    for l in range(cap.num_layers):
-        per_q = []
-        for qh in range(HKV * GROUP):
-            vs = rows(cap.values[l, qh // GROUP])
-            att = window_attention(cap, l, qh, w)
-            os_ = [[sum(a[j] * vs[j][c] for j in range(len(a))) for c in range(DIM)] for _, a in att]
-            s = []
-            for j in range(n):
-                vn = dot(vs[j], vs[j])
-                sv = sk = cross = 0.0
-                for (z, a), o in zip(att, os_):
-                    if j >= len(a):  # causal: key after the query
-                        continue
-                    diff = [vs[j][c] - o[c] for c in range(DIM)]
-                    sv += a[j] ** 2 * vn
-                    sk += (a[j] * z[j]) ** 2 * dot(diff, diff)
-                    cross += a[j] ** 2 * z[j] * (vn - dot(vs[j], o))
-                s.append({"value": sv, "key": sk, "joint": sv + sk + 2 * cross}[saliency])
-            per_q.append(maxpool_prefix(s, w))
-        out.append([protect_last(x, w) for x in gqa(per_q, "mean")])
-    return out
+    def per_key(vs, att):
+        os_ = [[sum(a[j] * vs[j][c] for j in range(len(a))) for c in range(DIM)] for _, a in att]
+        s = []
+        for j in range(cap.num_tokens):
+            vn = dot(vs[j], vs[j])
+            sv = sk = cross = 0.0
+            for (z, a), o in zip(att, os_):
+                if j >= len(a):  # causal: key after the query
+                    continue
+                diff = [vs[j][c] - o[c] for c in range(DIM)]
+                sv += a[j] ** 2 * vn
+                sk += (a[j] * z[j]) ** 2 * dot(diff, diff)
+                cross += a[j] ** 2 * z[j] * (vn - dot(vs[j], o))
+            s.append({"value": sv, "key": sk, "joint": sv + sk + 2 * cross}[saliency])
+        return s
+
+    return naive_window_method(cap, w, "mean", per_key)
 
 
 @pytest.mark.parametrize("saliency,n,w", [("value", 37, 8), ("key", 37, 8), ("joint", 37, 8), ("key", 61, 32)])
@@ -135,18 +143,11 @@ def test_obcache_default_is_key_saliency_with_window_32():
 
 # ---------------------------------------------------------------------------------------------- LAVa
 def naive_lava(cap: Capture, w: int) -> list:
-    n = cap.num_tokens
-    out = []
-    for l in range(cap.num_layers):
-        per_q = []
-        for qh in range(HKV * GROUP):
-            vs = rows(cap.values[l, qh // GROUP])
-            vmax = max(sum(abs(x) for x in v) for v in vs)
-            att = window_attention(cap, l, qh, w)
-            s = [vmax / w * sum(a[j] for _, a in att if j < len(a)) for j in range(n)]
-            per_q.append(maxpool_prefix(s, w))
-        out.append([protect_last(x, w) for x in gqa(per_q, "max")])
-    return out
+    def per_key(vs, att):
+        vmax = max(sum(abs(x) for x in v) for v in vs)
+        return [vmax / w * sum(a[j] for _, a in att if j < len(a)) for j in range(cap.num_tokens)]
+
+    return naive_window_method(cap, w, "max", per_key)
 
 
 @pytest.mark.parametrize("n,w", [(37, 8), (61, 32)])

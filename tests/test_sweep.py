@@ -25,7 +25,8 @@ from kvcalib.calib import sweep as sw
 from kvcalib.calib.scorers import SCORERS
 from kvcalib.worker.sweep_tasks import run_with_broker
 
-from service_support import WorkerProcess, pg_url, service_env, short_documents, wait_for  # noqa: F401
+from service_support import (WorkerProcess, pg_url, redis_db, service_env, short_documents,  # noqa: F401
+                             wait_for)
 
 SWEEP_REDIS_DB = int(os.environ.get("KVCALIB_TEST_SWEEP_REDIS_DB", "12"))  # not the service tests' DB 13
 UNTUNABLE = {"keynorm", "random"}  # no hyperparameters worth sweeping (random's seed is not one)
@@ -295,19 +296,8 @@ def test_evaluate_params_real_calibration_and_capture_cache(engine, tiny_docs, r
 # ---------------------------------------------------------------------------------------------------- Celery + CLI
 @pytest.fixture(scope="module")
 def sweep_redis():
-    import redis
-
-    url = f"redis://127.0.0.1:6379/{SWEEP_REDIS_DB}"
-    client = redis.Redis.from_url(url, socket_connect_timeout=2)
-    try:
-        client.ping()
-    except Exception as exc:  # noqa: BLE001
-        pytest.fail(f"Redis is not reachable (start it: .ci/services.sh) at {url}: {exc}")
-    try:
+    with redis_db(SWEEP_REDIS_DB) as url:
         yield url
-    finally:
-        client.flushdb()
-        client.close()
 
 
 def _free_port() -> int:

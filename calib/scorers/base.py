@@ -1,4 +1,5 @@
-"""Scorer interface and the helpers the seed methods share (pooling, GQA reduction, protection, z-scores)."""
+"""Scorer interface and the helpers the seed methods share (pooling, GQA reduction, protection, z-scores, the
+SnapKV-style observation-window skeleton)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
+from kvcalib import kernels
 from kvcalib.calib.capture import Capture
 
 PROTECTED = float("inf")  # score of positions a method always keeps
@@ -40,6 +42,39 @@ class Scorer:
     @classmethod
     def param_names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
+
+
+@dataclass
+class WindowScorer(Scorer):
+    """SnapKV-style skeleton: per-query-head scores from the observation window (the last w = min(``window``, N)
+    context queries), pooled over the prefix (``kernel``, ``pooling``), reduced over each GQA group (``gqa``); the
+    w window positions are kept. Subclasses give ``per_query_head``."""
+
+    window: int = 32
+    kernel: int = 7
+    pooling: str = "max"
+    gqa: str = "mean"
+
+    def per_query_head(self, cap: Capture, w: int) -> torch.Tensor:
+        """(L, Hq, N) unpooled scores of every query head for the window of the last ``w`` queries."""
+        raise NotImplementedError
+
+    def score(self, cap: Capture, ctx: ScoreContext | None = None) -> torch.Tensor:
+        w = min(self.window, cap.num_tokens)
+        return pool_reduce_protect(self.per_query_head(cap, w), cap.group_size, w, self.kernel, self.pooling,
+                                   self.gqa)
+
+
+def window_attention(cap: Capture, w: int) -> torch.Tensor:
+    """(L, Hq, N) Σ_t A_tj over the last ``w`` context queries, A = softmax(q kᵀ/√d) causal inside the window."""
+    return kernels.window_attention_stats(cap.window_queries(w), cap.keys, stats=("attn",))["attn"]
+
+
+def pool_reduce_protect(s: torch.Tensor, group: int, w: int, kernel: int, pooling: str, gqa: str) -> torch.Tensor:
+    """The end of the SnapKV-style scorers: per-query-head scores s (L, Hq, N) pooled over all but the last ``w``
+    positions, combined over the ``group`` query heads of each kv head, the last ``w`` positions protected.
+    Returns (L, Hkv, N)."""
+    return protect(gqa_reduce(pool_prefix(s, w, kernel, pooling), group, gqa), last=w)
 
 
 def pool1d(x: torch.Tensor, kernel: int, kind: str = "max") -> torch.Tensor:

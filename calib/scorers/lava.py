@@ -13,23 +13,15 @@ from typing import ClassVar
 
 import torch
 
-from kvcalib import kernels
 from kvcalib.calib.capture import Capture
-from kvcalib.calib.scorers.base import ScoreContext, Scorer, gqa_reduce, pool_prefix, protect
+from kvcalib.calib.scorers.base import WindowScorer, window_attention
 
 
 @dataclass
-class LAVa(Scorer):
+class LAVa(WindowScorer):
     name: ClassVar[str] = "lava"
-    window: int = 32
-    kernel: int = 7
-    pooling: str = "max"
     gqa: str = "max"
 
-    def score(self, cap: Capture, ctx: ScoreContext | None = None) -> torch.Tensor:
-        w = min(self.window, cap.num_tokens)
-        a = kernels.window_attention_stats(cap.window_queries(w), cap.keys, stats=("attn",))["attn"]  # (L, Hq, N)
+    def per_query_head(self, cap: Capture, w: int) -> torch.Tensor:
         vmax = cap.values.float().abs().sum(-1).amax(-1)  # (L, Hkv) max_k ‖V[k]‖₁
-        s = a * (vmax / w).repeat_interleave(cap.group_size, dim=1)[..., None]
-        s = pool_prefix(s, w, self.kernel, self.pooling)
-        return protect(gqa_reduce(s, cap.group_size, self.gqa), last=w)  # (L, Hkv, N)
+        return window_attention(cap, w) * (vmax / w).repeat_interleave(cap.group_size, dim=1)[..., None]

@@ -22,10 +22,9 @@ from typing import ClassVar
 
 import torch
 
-from kvcalib import kernels
 from kvcalib.calib.capture import Capture
 from kvcalib.calib.errors import KvcalibError
-from kvcalib.calib.scorers.base import ScoreContext, Scorer, gqa_reduce, pool_prefix, protect
+from kvcalib.calib.scorers.base import ScoreContext, Scorer, pool_reduce_protect, window_attention
 from kvcalib.calib.scorers.snapkv import SnapKV
 
 
@@ -77,10 +76,9 @@ class LookaheadQCache(Scorer):
         w2 = min(self.obs_window, n)
         s = torch.zeros(n_layers, cap.queries.shape[1], n, device=cap.keys.device)  # (L, Hq, N)
         if w2:
-            s += kernels.window_attention_stats(cap.window_queries(w2), cap.keys, stats=("attn",))["attn"]
+            s += window_attention(cap, w2)
         if pq.shape[2]:
             k = cap.keys.float().repeat_interleave(cap.group_size, dim=1)  # (L, Hq, N, d)
             z = torch.einsum("lhtd,lhnd->lhtn", pq.float(), k) * d**-0.5  # no mask: all N prompt keys
             s += torch.softmax(z, dim=-1).sum(2)
-        s = pool_prefix(s, w2, self.kernel, self.pooling)
-        return protect(gqa_reduce(s, cap.group_size, self.gqa), last=w2)  # (L, Hkv, N)
+        return pool_reduce_protect(s, cap.group_size, w2, self.kernel, self.pooling, self.gqa)  # (L, Hkv, N)

@@ -23,7 +23,7 @@ import torch
 from kvcalib import kernels
 from kvcalib.calib.capture import Capture
 from kvcalib.calib.errors import KvcalibError
-from kvcalib.calib.scorers.base import ScoreContext, Scorer, gqa_reduce, pool_prefix, protect
+from kvcalib.calib.scorers.base import ScoreContext, Scorer, pool_reduce_protect
 
 SALIENCIES = ("value", "key", "joint")
 
@@ -54,5 +54,5 @@ class OBCache(Scorer):
 
     def score(self, cap: Capture, ctx: ScoreContext | None = None) -> torch.Tensor:
         w = min(self.window, cap.num_tokens)
-        s = pool_prefix(self.per_query_head(cap), w, self.kernel, self.pooling)
-        return protect(gqa_reduce(s, cap.group_size, self.gqa), last=w)  # (L, Hkv, N)
+        return pool_reduce_protect(self.per_query_head(cap), cap.group_size, w, self.kernel, self.pooling,
+                                   self.gqa)  # (L, Hkv, N)

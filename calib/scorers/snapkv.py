@@ -12,21 +12,13 @@ from typing import ClassVar
 
 import torch
 
-from kvcalib import kernels
 from kvcalib.calib.capture import Capture
-from kvcalib.calib.scorers.base import ScoreContext, Scorer, gqa_reduce, pool_prefix, protect
+from kvcalib.calib.scorers.base import WindowScorer, window_attention
 
 
 @dataclass
-class SnapKV(Scorer):
+class SnapKV(WindowScorer):
     name: ClassVar[str] = "snapkv"
-    window: int = 32
-    kernel: int = 7
-    pooling: str = "max"
-    gqa: str = "mean"
 
-    def score(self, cap: Capture, ctx: ScoreContext | None = None) -> torch.Tensor:
-        w = min(self.window, cap.num_tokens)
-        a = kernels.window_attention_stats(cap.window_queries(w), cap.keys, stats=("attn",))["attn"]  # (L, Hq, N)
-        s = gqa_reduce(pool_prefix(a, w, self.kernel, self.pooling), cap.group_size, self.gqa)  # (L, Hkv, N)
-        return protect(s, last=w)
+    def per_query_head(self, cap: Capture, w: int) -> torch.Tensor:
+        return window_attention(cap, w)  # (L, Hq, N)

@@ -37,6 +37,15 @@ class Base(DeclarativeBase):
     type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
 
 
+class StoreTable(Base):
+    """A table of the store: every one has the same surrogate primary key ``id``, its first column (``sort_order``:
+    inherited columns would otherwise come last), as in the migrations."""
+
+    __abstract__ = True
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True, sort_order=-1)
+
+
 class RunStatus(str, enum.Enum):
     queued = "queued"
     running = "running"
@@ -48,21 +57,19 @@ class RunStatus(str, enum.Enum):
         return self in (RunStatus.succeeded, RunStatus.failed)
 
 
-class Model(Base):
+class Model(StoreTable):
     __tablename__ = "models"
     __table_args__ = (UniqueConstraint("name", "revision"),)
 
-    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
     name: Mapped[str] = mapped_column(String(200))
     revision: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow,
                                                     server_default=func.now())
 
 
-class Document(Base):
+class Document(StoreTable):
     __tablename__ = "documents"
 
-    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
     content_hash: Mapped[str] = mapped_column(String(64), unique=True)  # sha256 of the UTF-8 text
     n_bytes: Mapped[int] = mapped_column(Integer)
     token_count: Mapped[int | None] = mapped_column(Integer, nullable=True)  # with the first model that saw it
@@ -72,13 +79,12 @@ class Document(Base):
                                                     server_default=func.now())
 
 
-class CalibrationRun(Base):
+class CalibrationRun(StoreTable):
     """One calibration job: the curve and r* of a document under a model and a parameter set. Also the job row."""
 
     __tablename__ = "calibration_runs"
     __table_args__ = (UniqueConstraint("document_id", "model_id", "params_hash"),)
 
-    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
     document_id: Mapped[int] = mapped_column(ForeignKey("documents.id", ondelete="CASCADE"), index=True)
     model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), index=True)
     params_hash: Mapped[str] = mapped_column(String(64))
@@ -103,24 +109,22 @@ class CalibrationRun(Base):
     model: Mapped[Model] = relationship(lazy="joined")
 
 
-class CurvePoint(Base):
+class CurvePoint(StoreTable):
     __tablename__ = "curve_points"
     __table_args__ = (UniqueConstraint("run_id", "ratio"),)
 
-    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
     run_id: Mapped[int] = mapped_column(ForeignKey("calibration_runs.id", ondelete="CASCADE"), index=True)
     ratio: Mapped[float] = mapped_column(Float)
     fidelity: Mapped[float] = mapped_column(Float)
     kl: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
-class Profile(Base):
+class Profile(StoreTable):
     """The product of a calibration run: r* at the tolerance and the budgets that realise it."""
 
     __tablename__ = "profiles"
     __table_args__ = (Index("ix_profiles_lookup", "document_id", "model_id", "tolerance"),)
 
-    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
     run_id: Mapped[int] = mapped_column(ForeignKey("calibration_runs.id", ondelete="CASCADE"), unique=True)
     document_id: Mapped[int] = mapped_column(ForeignKey("documents.id", ondelete="CASCADE"), index=True)
     model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), index=True)
@@ -144,10 +148,9 @@ class Profile(Base):
     model: Mapped[Model] = relationship()
 
 
-class Predictor(Base):
+class Predictor(StoreTable):
     __tablename__ = "predictors"
 
-    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
     version: Mapped[str] = mapped_column(String(100), unique=True)
     kind: Mapped[str | None] = mapped_column(String(100), nullable=True)
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
@@ -157,21 +160,19 @@ class Predictor(Base):
                                                     server_default=func.now())
 
 
-class Batch(Base):
+class Batch(StoreTable):
     __tablename__ = "batches"
 
-    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
     params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     total: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow,
                                                     server_default=func.now())
 
 
-class BatchItem(Base):
+class BatchItem(StoreTable):
     __tablename__ = "batch_items"
     __table_args__ = (UniqueConstraint("batch_id", "position"),)
 
-    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
     batch_id: Mapped[int] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"), index=True)
     position: Mapped[int] = mapped_column(Integer)
     run_id: Mapped[int] = mapped_column(ForeignKey("calibration_runs.id", ondelete="CASCADE"), index=True)

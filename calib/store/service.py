@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 from kvcalib.calib.documents import content_hash
 from kvcalib.calib.errors import KvcalibError
+from kvcalib.calib.jsonl import iter_jsonl
 from kvcalib.calib.store import repository as repo
 from kvcalib.calib.store.db import Database, check_schema
 from kvcalib.calib.store.engines import ModelInfo, check_model_name, model_info
@@ -86,16 +87,8 @@ def decode_utf8(data: bytes, what: str = "upload") -> str:
 def parse_jsonl(text: str, max_documents: int) -> list[DocumentInput]:
     """Documents of a JSONL corpus: one JSON object per line (``text`` or ``document_id``/``document_hash``, optional
     ``source``/``id``) or one JSON string per line; blank lines are skipped. Errors name the line."""
-    import json
-
     docs: list[DocumentInput] = []
-    for no, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ServiceInputError(f"line {no}: invalid JSON ({exc.msg})") from exc
+    for no, obj in iter_jsonl(text.splitlines(), lambda no, msg: ServiceInputError(f"line {no}: {msg}")):
         if isinstance(obj, str):
             docs.append(DocumentInput(text=obj))
         elif isinstance(obj, dict):

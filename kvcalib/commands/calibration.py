@@ -1,6 +1,6 @@
 """CLI commands of the calibration stage: ``calibrate`` (label a corpus), ``fit`` (train predictors), ``evaluate``.
 
-    kvcalib calibrate CORPUS --out labels.jsonl [--method compactor --allocator uniform --tolerance 0.95 ...]
+    kvcalib calibrate CORPUS --out labels.jsonl [--method compactor --allocator adakv --tolerance 0.95 ...]
     kvcalib fit labels.jsonl --out predictors/ [--alpha 0.1 --seed 0]
     kvcalib evaluate labels.jsonl --predictor predictors/ [--alpha 0.1 --out-dir results/calibration_eval]
 """
@@ -45,7 +45,7 @@ def calibrate_cmd(
     corpus: Annotated[Path, typer.Argument(help="Folder of .txt files or JSONL of {\"id\", \"text\"}.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Label file (JSONL), appended to; resumable.")],
     method: Annotated[str, typer.Option("--method", "-m", help="Scoring method.")] = "compactor",
-    allocator: Annotated[str, typer.Option("--allocator", "-a", help="Budget allocator.")] = "uniform",
+    allocator: Annotated[str, typer.Option("--allocator", "-a", help="Budget allocator.")] = "adakv",
     tolerance: Annotated[float, typer.Option(help="Fidelity threshold τ for r*.")] = 0.95,
     ratios: Annotated[Optional[str], typer.Option(help="Comma-separated ratio grid (default 0.1..0.9,0.95).")] = None,
     limit: Annotated[Optional[int], typer.Option(help="Calibrate at most this many documents.")] = None,
