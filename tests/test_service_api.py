@@ -228,10 +228,10 @@ def test_configured_predictor_is_used_and_registered(tmp_path, docs):
     from kvcalib.api.app import create_app
     from kvcalib.calib.predictors import ParametricPredictor, save_predictors
 
-    pred = ParametricPredictor(alpha=0.0, beta=3.0, tau=0.95)
-    pred.training = {"config": {"method": "compactor", "allocator": "uniform", "tolerance": 0.95}}
-    save_predictors(tmp_path / "pred", {"parametric": pred})
     s = embedded_settings(tmp_path / "data", predictor_path=tmp_path / "pred")
+    pred = ParametricPredictor(alpha=0.0, beta=3.0, tau=0.95)
+    pred.training = {"config": {"method": "compactor", "allocator": s.default_allocator, "tolerance": 0.95}}
+    save_predictors(tmp_path / "pred", {"parametric": pred})
     with TestClient(create_app(s)) as c:
         r = c.post("/calibrate", json={"mode": "predict", "text": docs[5]}).json()
         assert r["predictor_version"] == pred.version
