@@ -97,17 +97,23 @@ def _write_atomic(path: Path, docs: list[tuple[str, str]]) -> None:
     os.replace(tmp, path)
 
 
+def read_label_files(out_dir: Path) -> list[dict]:
+    """Every label of ``out_dir``: ``labels.jsonl`` and the shards' ``labels.I.jsonl``."""
+    from kvcalib.calib.corpus import read_labels
+
+    return [r for f in sorted(out_dir.glob("labels*.jsonl")) for r in read_labels(f)]
+
+
 def calibrate_corpus(args, labels: Path) -> None:
     from tqdm import tqdm
 
     from kvcalib.calib.calibrate import CalibrationConfig, calibrate
-    from kvcalib.calib.corpus import append_label, done_keys, load_corpus, read_labels
+    from kvcalib.calib.corpus import append_label, done_keys, load_corpus
     from kvcalib.calib.documents import essays_dir
     from kvcalib.calib.engine import Engine
 
-    config = CalibrationConfig(method=args.method, allocator=args.allocator, tolerance=args.tolerance)
-    if args.n_probes is not None:
-        config = CalibrationConfig(**{**config.to_dict(), "n_probes": args.n_probes})
+    extra = {} if args.n_probes is None else {"n_probes": args.n_probes}
+    config = CalibrationConfig(method=args.method, allocator=args.allocator, tolerance=args.tolerance, **extra)
     eng = Engine.load(args.model)
     if args.mixed or args.spread:
         out = Path(args.out_dir) / "corpus.jsonl"
@@ -122,9 +128,7 @@ def calibrate_corpus(args, labels: Path) -> None:
     else:
         docs = load_corpus(args.corpus or essays_dir(), eng.tokenizer, args.min_tokens, args.max_tokens,
                            limit=args.n_docs, seed=args.seed)
-    done = set()
-    for f in labels.parent.glob("labels*.jsonl"):
-        done |= done_keys(read_labels(f, must_exist=False))
+    done = done_keys(read_label_files(labels.parent))
     todo = [d for d in docs if (d.content_hash, config.params_hash()) not in done]
     print(f"{len(docs)} documents ({len(docs) - len(todo)} already labelled)")
     shard, n_shards = args.shard
@@ -240,9 +244,9 @@ def main() -> None:
             print(f"shard {shard}/{n_shards} done; summarise with --skip-calibrate once every shard is")
             return
 
-    from kvcalib.calib.corpus import consistent_labels, read_labels
+    from kvcalib.calib.corpus import consistent_labels
 
-    rows = consistent_labels([r for f in sorted(out_dir.glob("labels*.jsonl")) for r in read_labels(f)])
+    rows = consistent_labels(read_label_files(out_dir))
     summary = summarise(rows, args.alpha, args.splits, args.seed, out_dir)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     r = summary["r_star"]

@@ -43,7 +43,7 @@ class CalibrationConfig:
 
     method: str = "compactor"
     method_params: dict = field(default_factory=dict)
-    allocator: str = "adakv"  # head-adaptive (docs/calibration.md §10: safer than uniform at every ratio)
+    allocator: str = "adakv"  # head-adaptive: larger r* and passkey kept at r* (docs/calibration.md §9–10)
     ratios: tuple[float, ...] = DEFAULT_RATIOS
     tolerance: float = 0.95
     n_probes: int = 6  # reconstruction probes (spans of the document)

@@ -22,6 +22,7 @@ import numpy as np
 
 from kvcalib.calib.documents import chunk_by_tokens, content_hash
 from kvcalib.calib.errors import KvcalibError
+from kvcalib.calib.jsonl import iter_jsonl
 
 
 class CorpusError(KvcalibError):
@@ -39,8 +40,6 @@ class Document:
 
 
 def _read_jsonl(path: Path) -> list[dict]:
-    from kvcalib.calib.jsonl import iter_jsonl
-
     rows = []
     with path.open(encoding="utf-8") as fh:
         for i, obj in iter_jsonl(fh, lambda i, msg: CorpusError(f"{path}:{i}: {msg}")):
