@@ -98,6 +98,28 @@ def adakv(scores: torch.Tensor, per_head: int, alpha: float = 0.2, **_) -> torch
     return torch.stack([layer_topk(scores[l], h * per_head, f) for l in range(n_layers)])
 
 
+def adakv_masks(scores: torch.Tensor, per_heads: list[int], alpha: float = 0.2) -> torch.Tensor:
+    """``adakv`` at several budgets at once: (R, L, H, N) masks, row i equal to ``adakv(scores, per_heads[i])``.
+    The per-head and per-layer sorts are done once and shared by every budget (the calibration grid's fast path)."""
+    n_layers, h, n = scores.shape
+    order = torch.argsort(scores, dim=-1, descending=True, stable=True)  # (L, H, N)
+    head_rank = torch.empty_like(order)
+    head_rank.scatter_(-1, order, torch.arange(n, device=scores.device).expand_as(order))
+    flat_order = torch.argsort(scores.reshape(n_layers, h * n), dim=-1, descending=True, stable=True)  # (L, H·N)
+    rank_sorted = head_rank.reshape(n_layers, h * n).gather(1, flat_order)  # head rank, in layer order
+    rows = []
+    for per_head in per_heads:
+        budget = max(0, min(h * int(per_head), h * n))
+        floor = min(head_floor(int(per_head), alpha, n), n, budget // max(h, 1))
+        in_floor = rank_sorted < floor  # (L, H·N): every head's top ``floor`` entries
+        rest = ~in_floor
+        take = in_floor | (rest & (rest.cumsum(1) <= budget - h * floor))  # then the layer's best remaining
+        keep = torch.zeros_like(take)
+        keep.scatter_(1, flat_order, take)
+        rows.append(keep.view(n_layers, h, n))
+    return torch.stack(rows)
+
+
 def normalised_entropy(scores: torch.Tensor) -> float:
     """LAVa's layer entropy e = −Σ ŝ log ŝ / log(count), ŝ = s / Σ s over the layer's entries (all heads).
 

@@ -30,6 +30,7 @@ from kvcalib.calib.features import context_features
 from kvcalib.calib.probes import SEPARATOR, reconstruction_probes, user_probes as make_user_probes
 
 Progress = Callable[[float, str], None]
+NLL_STRIDE = 8  # context NLL features from every 8th token: 1/8 of the LM-head cost (docs/calibration.md §8)
 
 
 class CalibrationError(KvcalibError):
@@ -194,13 +195,23 @@ def budgets_at(scores: torch.Tensor, ratio: float, allocator: str) -> tuple[list
     return [int(x) for x in per_head.sum(-1)], [[int(x) for x in row] for row in per_head]
 
 
-def _prepare(engine, text: str, config: CalibrationConfig, progress: Progress, with_masks: bool = True):
+def _probes(engine, cap, doc_start: int, config: CalibrationConfig) -> list:
+    """The calibration's reconstruction probes (deterministic in ``config.seed``)."""
+    if not config.n_probes:
+        return []
+    tok = engine.tokenizer
+    sep = tok(SEPARATOR, add_special_tokens=False).input_ids if SEPARATOR else []
+    return reconstruction_probes(cap.input_ids, doc_start, config.n_probes, config.cue_tokens, config.probe_tokens,
+                                 config.seed, sep)
+
+
+def _prepare(engine, text: str, config: CalibrationConfig, progress: Progress):
     config.validate()
     t = {}
     ids, doc_start = context_ids(engine, text)
     progress(0.02, f"prefill of {ids.numel()} tokens")
     t0 = time.perf_counter()
-    cap = engine.capture(ids, compute_nll=True)
+    cap = engine.capture(ids, compute_nll=True, nll_stride=NLL_STRIDE)
     t["prefill_s"] = time.perf_counter() - t0
     progress(0.45, f"scoring with {config.method}")
     t0 = time.perf_counter()
@@ -208,16 +219,17 @@ def _prepare(engine, text: str, config: CalibrationConfig, progress: Progress, w
     t["score_s"] = time.perf_counter() - t0
     progress(0.55, "features")
     t0 = time.perf_counter()
-    keep = keep_masks(scores, config.ratios, config.allocator) if with_masks else None
-    feats = context_features(text, cap, scores, None if keep is None else keep[1:], config.ratios)
+    keep = keep_masks(scores, config.ratios, config.allocator)
+    feats = context_features(text, cap, scores, keep[1:], config.ratios,
+                             doc_start=doc_start, window=config.probe_tokens)
     t["features_s"] = time.perf_counter() - t0
-    return ids, doc_start, cap, scores, keep, feats, t
+    return cap, doc_start, scores, keep, feats, t
 
 
 # ---------------------------------------------------------------------------------------------------- API
 def featurize(engine, text: str, config: CalibrationConfig) -> tuple[dict[str, float], Capture, torch.Tensor]:
     """One prefill + scores + features, no probes (what a prediction costs). Returns (features, capture, scores)."""
-    _, _, cap, scores, _, feats, _ = _prepare(engine, text, config, _noop)
+    cap, _, scores, _, feats, _ = _prepare(engine, text, config, _noop)
     return feats, cap, scores
 
 
@@ -227,15 +239,10 @@ def calibrate(engine, text: str, config: CalibrationConfig = CalibrationConfig()
     """The quality curve of ``text`` over ``config.ratios`` and its largest safe ratio r*(τ), from one prefill."""
     progress = progress or _noop
     t_start = time.perf_counter()
-    ids, doc_start, cap, scores, keep, feats, timings = _prepare(engine, text, config, progress)
-    tok = engine.tokenizer
-    sep = tok(SEPARATOR, add_special_tokens=False).input_ids if SEPARATOR else []
-    probes = []
-    if config.n_probes:
-        probes += reconstruction_probes(cap.input_ids, doc_start, config.n_probes, config.cue_tokens,
-                                        config.probe_tokens, config.seed, sep)
+    cap, doc_start, scores, keep, feats, timings = _prepare(engine, text, config, progress)
+    probes = _probes(engine, cap, doc_start, config)
     if user_probes:
-        probes += make_user_probes(tok, list(user_probes))
+        probes += make_user_probes(engine.tokenizer, list(user_probes))
     if not probes:
         raise CalibrationError("no probes: set n_probes >= 1 or pass user_probes")
     progress(0.6, f"probing {len(probes)} probes at {len(config.ratios)} ratios")

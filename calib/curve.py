@@ -57,6 +57,11 @@ def keep_masks(scores: torch.Tensor, ratios, allocator: str = "uniform", full_ro
         order = torch.argsort(scores, dim=-1, descending=True, stable=True)
         ranks = torch.empty_like(order)
         ranks.scatter_(-1, order, torch.arange(scores.shape[-1], device=scores.device).expand_as(order))
+    if allocator == "adakv" and set(alloc_params) <= {"alpha"}:  # shared sorts for every ratio (same result)
+        per = [budgets.Budget(ratio=float(r)).per_head(scores.shape[-1]) if r > 0 else scores.shape[-1]
+               for r in ratios]
+        masks = budgets.adakv_masks(scores, per, **alloc_params)
+        return torch.cat([torch.stack(rows), masks]) if rows else masks
     for r in ratios:
         if r <= 0:
             rows.append(torch.ones(scores.shape, dtype=torch.bool, device=scores.device))

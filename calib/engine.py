@@ -71,8 +71,8 @@ class Engine:
     def prompt(self, context: str, question: str) -> Prompt:
         return build_prompt(self.tokenizer, context, question)
 
-    def capture(self, context_ids: torch.Tensor, compute_nll: bool = False) -> Capture:
-        return prefill(self.lm, context_ids, compute_nll=compute_nll)
+    def capture(self, context_ids: torch.Tensor, compute_nll: bool = False, nll_stride: int = 1) -> Capture:
+        return prefill(self.lm, context_ids, compute_nll=compute_nll, nll_stride=nll_stride)
 
     def score_context(self, budget: Budget | None = None) -> ScoreContext:
         return ScoreContext(lm=self.lm, budget=budget, eos_ids=self.eos_ids)

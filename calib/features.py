@@ -21,7 +21,13 @@ Groups (names are stable: predictors store the names they were trained on):
   the positions kept at each grid ratio: ``mass_kept_r{ratio}``; and ``mass_r90`` / ``mass_r95``, the ratio where
   that retained mass crosses 0.90 / 0.95 (linear interpolation);
 * key/value geometry — ``key_norm_cv`` / ``value_norm_cv`` (coefficient of variation of the per-position norms,
-  mean over heads), ``key_norm_cv_std`` over layers.
+  mean over heads), ``key_norm_cv_std`` over layers;
+* span coverage (needs the grid's keep masks) — reconstruction probes fail when the span they copy is evicted, so
+  the kept fraction c(p) of every document position p over all (layer, head) pairs is averaged over windows of
+  ``probe_tokens`` positions: per grid ratio the 5 % quantile of window coverage ``win_cov_q05_r{ratio}`` and the
+  share of windows below half coverage ``win_cov_lt50_r{ratio}``, and the ratios where the 5 % quantile crosses
+  0.7 / 0.5 (``win_cov_r70`` / ``win_cov_r50``). (The same statistics over the calibration's own probe spans
+  carried no signal — correlation with r* ≤ 0.15 — and are not computed; docs/calibration.md §10.)
 """
 
 from __future__ import annotations
@@ -194,10 +200,36 @@ def geometry_features(keys: torch.Tensor, values: torch.Tensor) -> dict[str, flo
             "value_norm_cv": float(vcv.mean())}
 
 
+def _falling(ratios, values, level: float) -> float:
+    return _crossing(sorted(zip((float(r) for r in ratios), (float(v) for v in values))), level)
+
+
+def coverage_features(keep: torch.Tensor, ratios, doc_start: int = 0, window: int = 6) -> dict[str, float]:
+    """Span-coverage features from keep masks ``keep`` (R, L, Hkv, N) for ``ratios``: how much of every window of
+    ``window`` document positions (from ``doc_start``) survives, the kept fraction of a position being taken over
+    all (layer, head) pairs."""
+    out: dict[str, float] = {}
+    cov = keep.float().mean(dim=(1, 2)).double().cpu()[:, doc_start:]  # (R, N_doc) kept fraction per position
+    if cov.shape[1] == 0:
+        return out
+    w = max(1, min(int(window), cov.shape[1]))
+    win = cov.unfold(1, w, 1).mean(-1)  # (R, N_doc − w + 1)
+    q05 = torch.quantile(win, 0.05, dim=1)  # (R,)
+    low = (win < 0.5 - 1e-9).double().mean(1)  # strictly below half (float sums of k/(L·H·w))
+    for i, r in enumerate(ratios):
+        key = f"{round(float(r), 4):g}"
+        out[f"win_cov_q05_r{key}"] = float(q05[i])
+        out[f"win_cov_lt50_r{key}"] = float(low[i])
+    out["win_cov_r70"] = _falling(ratios, q05.tolist(), 0.7)
+    out["win_cov_r50"] = _falling(ratios, q05.tolist(), 0.5)
+    return out
+
+
 def context_features(text: str, cap, scores: torch.Tensor, keep: torch.Tensor | None = None,
-                     ratios=()) -> dict[str, float]:
+                     ratios=(), doc_start: int = 0, window: int = 6) -> dict[str, float]:
     """Every feature of a context from its capture, the method's scores and (optionally) the grid's keep masks
-    ``keep`` (R, L, Hkv, N) for ``ratios``."""
+    ``keep`` (R, L, Hkv, N) for ``ratios`` (with them: retained attention, and span coverage over windows of
+    ``window`` document positions from ``doc_start``)."""
     n = cap.num_tokens
     feats: dict[str, float] = {"n_tokens": float(n), "log_n_tokens": math.log(max(1, n))}
     feats.update(likelihood_features(cap.token_nll))
@@ -205,4 +237,6 @@ def context_features(text: str, cap, scores: torch.Tensor, keep: torch.Tensor | 
     feats.update(score_features(scores))
     feats.update(attention_features(cap.queries, cap.keys, keep, ratios))
     feats.update(geometry_features(cap.keys, cap.values))
+    if keep is not None and len(ratios):
+        feats.update(coverage_features(keep, ratios, doc_start, window))
     return {k: (float(v) if math.isfinite(float(v)) else 0.0) for k, v in feats.items()}  # JSON-safe

@@ -12,6 +12,7 @@ from kvcalib.calib.budget import (
     Budget,
     BudgetError,
     adakv,
+    adakv_masks,
     allocate,
     apportion,
     lava,
@@ -66,6 +67,19 @@ def test_adakv_matches_naive_and_totals(per_head):
         assert int(keep[l].sum(-1).min()) >= floor
         got = {(h, j) for h, j in keep[l].nonzero().tolist()}
         assert got == naive_adakv_layer(s[l].tolist(), H * per_head, floor)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.2, 0.5])
+def test_adakv_masks_equal_one_call_per_budget(alpha):
+    s = peaked_scores(2)
+    s[:, :, :3] = math.inf  # protected entries
+    s[:, 1, 10:20] = s[:, 1, 10:11]  # ties inside a head and across heads
+    s[:, 2, 10:20] = s[:, 1, 10:11]
+    per = [0, 1, 5, 17, 40, N]
+    masks = adakv_masks(s, per, alpha=alpha)
+    assert masks.shape == (len(per), L, H, N)
+    for i, p in enumerate(per):
+        assert torch.equal(masks[i], adakv(s, p, alpha=alpha)), p
 
 
 def test_adakv_floor_binds_for_a_starved_head():

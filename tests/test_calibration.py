@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from fractions import Fraction
 import sys
 
 import pytest
@@ -113,6 +114,29 @@ def test_keep_masks_match_the_allocators():
             assert torch.equal(k[i + 1], budget.allocate(s, budget.Budget(ratio=r), alloc))
 
 
+def test_coverage_features_match_a_naive_count():
+    from kvcalib.calib.features import coverage_features
+
+    gen = torch.Generator().manual_seed(3)
+    ratios = (0.2, 0.5, 0.8)
+    keep = torch.rand(3, 2, 3, 40, generator=gen) > torch.tensor(ratios)[:, None, None, None]  # (R, L, H, N)
+    f = coverage_features(keep, ratios, doc_start=5, window=6)
+    q05 = []
+    for i, r in enumerate(ratios):
+        cov = [Fraction(sum(bool(keep[i, l, h, p]) for l in range(2) for h in range(3)), 6) for p in range(40)]
+        wins = [sum(cov[a:a + 6]) / 6 for a in range(5, 40 - 6 + 1)]  # exact: a window of exactly 1/2 is not < 1/2
+        q05.append(float(torch.quantile(torch.tensor([float(w) for w in wins], dtype=torch.float64), 0.05)))
+        assert f[f"win_cov_q05_r{r:g}"] == pytest.approx(q05[-1])
+        assert f[f"win_cov_lt50_r{r:g}"] == pytest.approx(sum(w < 0.5 for w in wins) / len(wins))
+    # crossings: a level is crossed between the grid points that bracket it (linear interpolation from ratio 0)
+    for level, name in ((0.7, "win_cov_r70"), (0.5, "win_cov_r50")):
+        qs, grid = [1.0, *q05], [0.0, *ratios]
+        i = next(j for j in range(1, 4) if qs[j] < level)
+        want = grid[i - 1] + (qs[i - 1] - level) / (qs[i - 1] - qs[i]) * (grid[i] - grid[i - 1])
+        assert f[name] == pytest.approx(want)
+    assert f["win_cov_r70"] <= f["win_cov_r50"]
+
+
 def test_segment_offsets_and_probe_packing():
     assert segment_offsets(torch.tensor([0, 0, 1, 1, 1, 2])).tolist() == [0, 1, 0, 1, 2, 0]
     p1 = P.Probe(ids=torch.tensor([5, 6, 7, 8]), target_start=2)
@@ -218,6 +242,7 @@ def test_calibrate_contract(engine, short_text):
     assert res.layer_budgets == [sum(h) for h in res.head_budgets]
     assert res.layer_budgets == [3 * Budget(ratio=res.r_star).per_head(n)] * 30  # uniform allocation at r*
     assert res.features["n_tokens"] == n and "context_nll" in res.features and "mass_kept_r0.5" in res.features
+    assert 0.0 <= res.features["win_cov_q05_r0.5"] <= 1.0 and 0.0 <= res.features["win_cov_r50"] <= 0.8
     assert [f for f, _ in seen] == sorted(f for f, _ in seen) and seen[-1][0] == 1.0
     assert len(res.probe_fidelity) == 3 and len(res.probe_fidelity[0]) == 3  # 2 reconstruction + 1 user
     d = res.to_dict()

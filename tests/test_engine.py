@@ -55,6 +55,13 @@ def test_capture_matches_plain_model(engine, short_capture):
     torch.testing.assert_close(short_capture.token_nll, nll, rtol=1e-3, atol=1e-3)
 
 
+def test_strided_context_nll_is_a_subsample_of_the_full_one(engine, short_capture):
+    strided = engine.capture(short_capture.input_ids, compute_nll=True, nll_stride=3)
+    torch.testing.assert_close(strided.token_nll, short_capture.token_nll[::3], rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="nll_stride"):
+        engine.capture(short_capture.input_ids[:20], compute_nll=True, nll_stride=0)
+
+
 def test_full_cache_decoding_reproduces_plain_greedy_generation(engine):
     """With nothing evicted, the shipped decoding loop equals transformers' greedy generate() token for token."""
     model, tok = engine.lm.model, engine.tokenizer
