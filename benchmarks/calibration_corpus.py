@@ -12,6 +12,12 @@ Equivalent CLI sequence (one split):
     kvcalib evaluate results/calibration_corpus/labels.jsonl --predictor results/calibration_corpus/predictors \\
         --out-dir results/calibration_corpus
 
+The reported run (docs/calibration.md §10: 223 essay chunks of 1k–3k tokens, 12-probe labels, two processes):
+
+    python benchmarks/calibration_corpus.py --spread --chunkings 4 --n-docs 400 --min-tokens 1000 \
+        --max-tokens 3000 --n-probes 12 --out-dir results/corpus13 --shard 0/2   # and --shard 1/2 beside it
+    python benchmarks/calibration_corpus.py --skip-calibrate --out-dir results/corpus13
+
 Labelling is resumable (stop and rerun at will). Beyond the single held-out split (seed 0) the fit/evaluate step is
 repeated over ``--splits`` random train/calibration/test splits (by essay) and averaged, since one test split of
 ~20 documents measures a violation rate to ±0.07 only.
@@ -22,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 from pathlib import Path
 
@@ -152,7 +159,7 @@ def summarise(rows: list[dict], alpha: float, splits: int, seed: int, out_dir: P
                "mean_seconds_per_doc": float(np.mean([r["seconds"] for r in rows])),
                "mean_context_tokens": float(np.mean([r["context_tokens"] for r in rows]))}
     # feature correlations with r* (what carries signal)
-    names = sorted(k for k in rows[0]["features"] if "_l" not in k or k.startswith("attn_local"))
+    names = sorted(k for k in rows[0]["features"] if not re.search(r"_l\d+$", k))  # no per-layer features
     corr = {}
     for k in names:
         x = np.array([r["features"].get(k, np.nan) for r in rows], dtype=float)
