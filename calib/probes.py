@@ -13,7 +13,7 @@ KL(full ‖ r) over every target position is reported beside it.
 
 Defaults (``CalibrationConfig``): K = 6 reconstruction probes of 4 cue + 6 target tokens, no separator (the cue
 directly follows the context; ``SEPARATOR`` can add one) — 60 probe tokens per ratio; a whole calibration with
-these defaults measured 1.79 prefills (docs/calibration.md §8). Spans are chosen deterministically from ``seed``: the
+these defaults measured 1.75 prefills (docs/calibration.md §8). Spans are chosen deterministically from ``seed``: the
 document part of the context (after the chat header) minus a margin of ``EDGE_MARGIN`` tokens at both ends (beyond
 Compactor's protected first 8 / last 4 positions, which would make a probe trivially easy) is cut into K equal
 strata and one span is drawn uniformly inside each, so the probes cover the whole document without overlapping.

@@ -61,15 +61,24 @@ def chunked_colsum(
 ) -> torch.Tensor:
     """Non-causal attention inside chunks of ``chunk`` positions; column sums of softmax(q kᵀ·scale) per chunk.
 
-    Returns (B, Hq, N): for key j in chunk c, Σ_{i in chunk c} softmax_j(q_i · k_c)."""
+    Returns (B, Hq, N): for key j in chunk c, Σ_{i in chunk c} softmax_j(q_i · k_c). One batch row at a time, the
+    whole chunks of a row in one batched matmul (the ragged last chunk apart), GQA by broadcasting the kv heads."""
     bsz, hq, n, d = q.shape
-    g = hq // k.shape[1]
-    kk = k.repeat_interleave(g, dim=1).float()
+    hkv = k.shape[1]
+    g = hq // hkv
+    full = (n // chunk) * chunk
     out = torch.empty(bsz, hq, n, device=q.device, dtype=torch.float32)
-    for s in range(0, n, chunk):
-        e = min(s + chunk, n)
-        a = torch.softmax(torch.einsum("bhid,bhjd->bhij", q[:, :, s:e].float(), kk[:, :, s:e]) * scale, dim=-1)
-        out[:, :, s:e] = a.sum(2)
+    for b in range(bsz):
+        qb = q[b].float().view(hkv, g, n, d)  # (Hkv, g, N, d)
+        kb = k[b].float().unsqueeze(1)  # (Hkv, 1, N, d)
+        if full:
+            qc = qb[:, :, :full].reshape(hkv, g, full // chunk, chunk, d)  # (Hkv, g, C, c, d)
+            kc = kb[:, :, :full].reshape(hkv, 1, full // chunk, chunk, d)  # (Hkv, 1, C, c, d)
+            a = torch.softmax((qc @ kc.transpose(-1, -2)) * scale, dim=-1)  # (Hkv, g, C, c, c)
+            out[b, :, :full] = a.sum(-2).reshape(hq, full)
+        if full < n:  # last, shorter chunk
+            a = torch.softmax((qb[:, :, full:] @ kb[:, :, full:].transpose(-1, -2)) * scale, dim=-1)
+            out[b, :, full:] = a.sum(-2).reshape(hq, n - full)
     return out
 
 

@@ -351,17 +351,20 @@ def test_naive_window_stats_matches_python_loop():
 
 def test_naive_chunked_colsum_and_decode_match_python_loops():
     gen = torch.Generator().manual_seed(10)
-    q = torch.randn(1, 2, 7, 3, generator=gen)  # (B, Hq, N, d)
-    k = torch.randn(1, 1, 7, 3, generator=gen)  # (B, Hkv, N, d)
-    ref = torch.zeros(1, 2, 7)
-    for h in range(2):
-        for i in range(7):
-            c0 = i // 3 * 3
-            cols = range(c0, min(c0 + 3, 7))
-            e = [math.exp(0.5 * float(q[0, h, i] @ k[0, 0, j])) for j in cols]
-            for j, x in zip(cols, e):
-                ref[0, h, j] += x / sum(e)
+    q = torch.randn(2, 4, 7, 3, generator=gen)  # (B, Hq, N, d)
+    k = torch.randn(2, 2, 7, 3, generator=gen)  # (B, Hkv, N, d): GQA groups of 2
+    ref = torch.zeros(2, 4, 7)
+    for b in range(2):
+        for h in range(4):
+            for i in range(7):
+                c0 = i // 3 * 3
+                cols = range(c0, min(c0 + 3, 7))
+                e = [math.exp(0.5 * float(q[b, h, i] @ k[b, h // 2, j])) for j in cols]
+                for j, x in zip(cols, e):
+                    ref[b, h, j] += x / sum(e)
     torch.testing.assert_close(naive.chunked_colsum(q, k, chunk=3, scale=0.5), ref)
+    torch.testing.assert_close(naive.chunked_colsum(q[..., :6, :], k[..., :6, :], chunk=3, scale=0.5)[0, 0, :3],
+                               ref[0, 0, :3])  # whole chunks only
 
     v = torch.randn(5, 3, generator=gen)  # (T, d)
     offsets = torch.tensor([0, 2, 5])
