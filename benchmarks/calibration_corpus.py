@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import statistics
 from pathlib import Path
 
@@ -146,7 +145,7 @@ def calibrate_corpus(args, labels: Path) -> None:
 
 def summarise(rows: list[dict], alpha: float, splits: int, seed: int, out_dir: Path) -> dict:
     from kvcalib.calib.corpus import evaluate_predictors, plot_evaluation, split_labels
-    from kvcalib.calib.predictors import fit_predictors, save_predictors
+    from kvcalib.calib.predictors import default_feature_names, fit_predictors, save_predictors
 
     y = np.array([r["r_star"] for r in rows])
     summary = {"n_docs": len(rows), "alpha": alpha,
@@ -159,7 +158,7 @@ def summarise(rows: list[dict], alpha: float, splits: int, seed: int, out_dir: P
                "mean_seconds_per_doc": float(np.mean([r["seconds"] for r in rows])),
                "mean_context_tokens": float(np.mean([r["context_tokens"] for r in rows]))}
     # feature correlations with r* (what carries signal)
-    names = sorted(k for k in rows[0]["features"] if not re.search(r"_l\d+$", k))  # no per-layer features
+    names = default_feature_names([r["features"] for r in rows])  # common to every label, no per-layer ones
     corr = {}
     for k in names:
         x = np.array([r["features"].get(k, np.nan) for r in rows], dtype=float)

@@ -43,8 +43,8 @@ LOCAL = 64
 SAMPLED_QUERIES = 32
 
 
-def _ratio_key(r: float) -> str:
-    return f"mass_kept_r{round(float(r), 4):g}"
+def _ratio_key(r: float, prefix: str = "mass_kept") -> str:
+    return f"{prefix}_r{round(float(r), 4):g}"
 
 
 def likelihood_features(token_nll: torch.Tensor | None) -> dict[str, float]:
@@ -200,10 +200,6 @@ def geometry_features(keys: torch.Tensor, values: torch.Tensor) -> dict[str, flo
             "value_norm_cv": float(vcv.mean())}
 
 
-def _falling(ratios, values, level: float) -> float:
-    return _crossing(sorted(zip((float(r) for r in ratios), (float(v) for v in values))), level)
-
-
 def coverage_features(keep: torch.Tensor, ratios, doc_start: int = 0, window: int = 6) -> dict[str, float]:
     """Span-coverage features from keep masks ``keep`` (R, L, Hkv, N) for ``ratios``: how much of every window of
     ``window`` document positions (from ``doc_start``) survives, the kept fraction of a position being taken over
@@ -217,11 +213,11 @@ def coverage_features(keep: torch.Tensor, ratios, doc_start: int = 0, window: in
     q05 = torch.quantile(win, 0.05, dim=1)  # (R,)
     low = (win < 0.5 - 1e-9).double().mean(1)  # strictly below half (float sums of k/(L·H·w))
     for i, r in enumerate(ratios):
-        key = f"{round(float(r), 4):g}"
-        out[f"win_cov_q05_r{key}"] = float(q05[i])
-        out[f"win_cov_lt50_r{key}"] = float(low[i])
-    out["win_cov_r70"] = _falling(ratios, q05.tolist(), 0.7)
-    out["win_cov_r50"] = _falling(ratios, q05.tolist(), 0.5)
+        out[_ratio_key(r, "win_cov_q05")] = float(q05[i])
+        out[_ratio_key(r, "win_cov_lt50")] = float(low[i])
+    pairs = sorted(zip((float(r) for r in ratios), q05.tolist()))
+    out["win_cov_r70"] = _crossing(pairs, 0.7)
+    out["win_cov_r50"] = _crossing(pairs, 0.5)
     return out
 
 
