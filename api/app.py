@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse
 from kvcalib import __version__
 from kvcalib.api.metrics import BodyLimitMiddleware, Metrics, MetricsMiddleware
 from kvcalib.calib.errors import KvcalibError
-from kvcalib.calib.store.errors import UnavailableError
+from kvcalib.service.errors import UnavailableError
 from kvcalib.settings import Settings, get_settings
 
 log = logging.getLogger("kvcalib.api")
@@ -26,7 +26,7 @@ DESCRIPTION = """\
 Per-context calibration of KV-cache compression as a service.
 
 * `POST /calibrate` — `predict` (synchronous budget from features + predictor), `full` (asynchronous calibration:
-  202 + job URL), `compress` (the compressed KV cache as safetensors, see `kvcalib.calib.export`).
+  202 + job URL), `compress` (the compressed KV cache as safetensors, see `kvcalib.calib.cache.export`).
 * `GET /budget` — the stored profile of a document for inference servers (404 with a hint when not calibrated);
   `POST /budget` — a predicted budget for a new document.
 * `/jobs`, `/batches`, `/profiles` — job lifecycle, batch progress, stored profiles and their curves.
@@ -40,15 +40,15 @@ database) is down.
 
 def create_app(settings: Settings | None = None, *, dispatcher=None, load_engine=None,
                resume: bool = True) -> FastAPI:
-    from kvcalib.calib.store.db import prepare
-    from kvcalib.calib.store.service import Service
+    from kvcalib.service.db import prepare
+    from kvcalib.service.core import Service
 
     s = settings or get_settings()
     db = prepare(s.db_url, s.migrate_on_start)
     if dispatcher is None:
         if s.embedded:
-            from kvcalib.calib.store.engines import get_engine
-            from kvcalib.calib.store.jobs import InProcessDispatcher
+            from kvcalib.service.runtime import get_engine
+            from kvcalib.service.jobs import InProcessDispatcher
 
             loader = load_engine or (lambda name: get_engine(name, s.worker_device))
             dispatcher = InProcessDispatcher(db, loader, workers=s.inprocess_workers,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import Request
 
 from kvcalib.api.schemas import BatchOut, JobOut, ProfileOut
-from kvcalib.calib.store.service import CalibrationParams, DocumentInput
+from kvcalib.service.core import CalibrationParams, DocumentInput
 
 
 def job_out(request: Request, view: dict) -> JobOut:

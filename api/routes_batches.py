@@ -12,8 +12,8 @@ from kvcalib.api.convert import batch_out, params_of
 from kvcalib.api.deps import ServiceDep, WriteAccess
 from kvcalib.api.schemas import (MAX_ID, AllocatorName, BatchOut, BatchRequest, CalibrationOptions, ErrorOut,
                                  MethodName, ModelName)
-from kvcalib.calib.store.errors import ServiceInputError
-from kvcalib.calib.store.service import DocumentInput, decode_utf8, parse_jsonl
+from kvcalib.service.errors import ServiceInputError
+from kvcalib.service.core import DocumentInput, decode_utf8, parse_jsonl
 
 router = APIRouter(tags=["batches"])
 BatchId = Annotated[int, Path(ge=1, le=MAX_ID)]

@@ -20,7 +20,7 @@ ERRORS = {401: {"model": ErrorOut}, 404: {"model": ErrorOut}, 413: {"model": Err
     summary="Calibrate a document: predict, full (async) or compress",
     responses={
         200: {"description": "predict: the predicted budget (with features); full: the job, already finished; "
-                             "compress: the compressed KV cache (safetensors, `kvcalib.calib.export.load_compressed`)",
+                             "compress: the compressed KV cache (safetensors, `kvcalib.calib.cache.export.load_compressed`)",
               "content": {"application/json": {"schema": {"anyOf": [
                   {"$ref": "#/components/schemas/PredictOut"}, {"$ref": "#/components/schemas/JobOut"}]}},
                           "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
@@ -33,7 +33,7 @@ def calibrate(body: CalibrateRequest, request: Request, service: ServiceDep) -> 
     p = params_of(service, body)
     if body.mode == "full":
         if body.ratio is not None:
-            from kvcalib.calib.store.errors import ServiceInputError
+            from kvcalib.service.errors import ServiceInputError
 
             raise ServiceInputError("`ratio` applies to mode=compress only")
         view, done = service.submit(doc, p)

@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from kvcalib.calib.budget import available_allocators
-from kvcalib.calib.models import available_models
+from kvcalib.calib.lm.registry import available_models
 from kvcalib.calib.scorers import available_methods
 
 # The registries as enums: the OpenAPI schema lists the valid choices, and an unknown name is a 422 naming them.

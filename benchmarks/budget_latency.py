@@ -34,10 +34,10 @@ def free_port() -> int:
 
 def seed(db_url: str, n_profiles: int, n_layers: int = 30, n_heads: int = 3) -> list[str]:
     """Insert ``n_profiles`` synthetic calibrated profiles; returns their document hashes."""
-    from kvcalib.calib.documents import content_hash
-    from kvcalib.calib.store import repository as repo
-    from kvcalib.calib.store.db import Database, upgrade
-    from kvcalib.calib.store.models import RunStatus
+    from kvcalib.calib.data.documents import content_hash
+    from kvcalib.service import repository as repo
+    from kvcalib.service.db import Database, upgrade
+    from kvcalib.service.orm import RunStatus
 
     upgrade(db_url)
     db = Database(db_url)

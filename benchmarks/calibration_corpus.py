@@ -42,8 +42,8 @@ def mixed_corpus(path: Path, tokenizer, n_docs: int, seed: int, min_tokens: int,
     import random
     import sysconfig
 
-    from kvcalib.calib.corpus import load_corpus
-    from kvcalib.calib.documents import chunk_by_tokens, essays_dir
+    from kvcalib.calib.data.corpus import load_corpus
+    from kvcalib.calib.data.documents import chunk_by_tokens, essays_dir
 
     rng = random.Random(seed)
     essays = load_corpus(essays_dir(), tokenizer, min_tokens, max_tokens, seed=seed)
@@ -69,7 +69,7 @@ def spread_corpus(path: Path, tokenizer, n_docs: int, seed: int, min_tokens: int
     from the same text, overlapping those of the first cut — splits stay by essay, so no test essay is ever seen."""
     import random
 
-    from kvcalib.calib.documents import essays_dir, load_essays
+    from kvcalib.calib.data.documents import essays_dir, load_essays
 
     rng = random.Random(seed)
     essays = load_essays(essays_dir())
@@ -105,7 +105,7 @@ def _write_atomic(path: Path, docs: list[tuple[str, str]]) -> None:
 
 def read_label_files(out_dir: Path) -> list[dict]:
     """Every label of ``out_dir``: ``labels.jsonl`` and the shards' ``labels.I.jsonl``."""
-    from kvcalib.calib.corpus import read_labels
+    from kvcalib.calib.data.corpus import read_labels
 
     return [r for f in sorted(out_dir.glob("labels*.jsonl")) for r in read_labels(f)]
 
@@ -113,10 +113,10 @@ def read_label_files(out_dir: Path) -> list[dict]:
 def calibrate_corpus(args, labels: Path) -> None:
     from tqdm import tqdm
 
-    from kvcalib.calib.calibrate import CalibrationConfig, calibrate
-    from kvcalib.calib.corpus import append_label, done_keys, load_corpus
-    from kvcalib.calib.documents import essays_dir
-    from kvcalib.calib.engine import Engine
+    from kvcalib.calib.calibration.calibrate import CalibrationConfig, calibrate
+    from kvcalib.calib.data.corpus import append_label, done_keys, load_corpus
+    from kvcalib.calib.data.documents import essays_dir
+    from kvcalib.calib.pipeline import Engine
 
     extra = {} if args.n_probes is None else {"n_probes": args.n_probes}
     config = CalibrationConfig(method=args.method, allocator=args.allocator, tolerance=args.tolerance, **extra)
@@ -144,7 +144,7 @@ def calibrate_corpus(args, labels: Path) -> None:
 
 
 def summarise(rows: list[dict], alpha: float, splits: int, seed: int, out_dir: Path) -> dict:
-    from kvcalib.calib.corpus import evaluate_predictors, plot_evaluation, split_labels
+    from kvcalib.calib.data.corpus import evaluate_predictors, plot_evaluation, split_labels
     from kvcalib.calib.predictors import default_feature_names, fit_predictors, save_predictors
 
     y = np.array([r["r_star"] for r in rows])
@@ -250,7 +250,7 @@ def main() -> None:
             print(f"shard {shard}/{n_shards} done; summarise with --skip-calibrate once every shard is")
             return
 
-    from kvcalib.calib.corpus import consistent_labels
+    from kvcalib.calib.data.corpus import consistent_labels
 
     rows = consistent_labels(read_label_files(out_dir))
     summary = summarise(rows, args.alpha, args.splits, args.seed, out_dir)

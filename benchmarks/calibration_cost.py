@@ -43,9 +43,9 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from kvcalib.calib.calibrate import CalibrationConfig, calibrate, context_ids
-    from kvcalib.calib.documents import load_essays
-    from kvcalib.calib.engine import Engine
+    from kvcalib.calib.calibration.calibrate import CalibrationConfig, calibrate, context_ids
+    from kvcalib.calib.data.documents import load_essays
+    from kvcalib.calib.pipeline import Engine
 
     eng = Engine.load(args.model)
     essays = load_essays()

@@ -46,11 +46,11 @@ def main() -> None:
 
     from tqdm import tqdm
 
-    from kvcalib.calib import tasks
+    from kvcalib.calib.data import synthetic as tasks
     from kvcalib.calib.budget import Budget
-    from kvcalib.calib.cache import RaggedKVCache
-    from kvcalib.calib.calibrate import CalibrationConfig, _scores, calibrate
-    from kvcalib.calib.engine import Engine
+    from kvcalib.calib.cache.ragged import RaggedKVCache
+    from kvcalib.calib.calibration.calibrate import CalibrationConfig, _scores, calibrate
+    from kvcalib.calib.pipeline import Engine
 
     eng = Engine.load(args.model)
     extra = {} if args.n_probes is None else {"n_probes": args.n_probes}

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 
-from kvcalib.calib import tasks
+from kvcalib.calib.data import synthetic as tasks
 from kvcalib.calib.budget import Budget, allocate, available_allocators
-from kvcalib.calib.cache import RaggedKVCache
-from kvcalib.calib.engine import Engine
-from kvcalib.calib.generate import greedy_decode_batch
+from kvcalib.calib.cache.ragged import RaggedKVCache
+from kvcalib.calib.pipeline import Engine
+from kvcalib.calib.cache.decode import greedy_decode_batch
 from kvcalib.calib.scorers import available_methods, get_scorer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py beside it, also under -m

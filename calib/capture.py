@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvcalib.calib.models import LoadedModel
+from kvcalib.calib.lm.registry import LoadedModel
 
 
 @dataclass

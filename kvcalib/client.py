@@ -30,7 +30,7 @@ from typing import Any
 
 import httpx
 
-from kvcalib.calib.documents import content_hash
+from kvcalib.calib.data.documents import content_hash
 
 __all__ = ["BudgetInfo", "KvcalibClient", "ServiceError", "TTLCache", "apply_budget", "content_hash",
            "to_dynamic_cache"]
@@ -213,8 +213,8 @@ class KvcalibClient:
 
     def compress(self, text: str | None = None, *, document_id: int | None = None, ratio: float | None = None,
                  **params):
-        """The compressed KV cache of a document (``kvcalib.calib.export.CompressedKV``)."""
-        from kvcalib.calib.export import load_compressed
+        """The compressed KV cache of a document (``kvcalib.calib.cache.export.CompressedKV``)."""
+        from kvcalib.calib.cache.export import load_compressed
 
         body = {"mode": "compress", "text": text, "document_id": document_id, "ratio": ratio, **params}
         r = self.http.post("/calibrate", json={k: v for k, v in body.items() if v is not None})
@@ -292,7 +292,7 @@ def apply_budget(cache, head_budgets, scores=None, rectangular: str = "model", p
 
 
 def to_dynamic_cache(compressed, rectangular: str = "model"):
-    """A transformers ``DynamicCache`` from a compress response (``kvcalib.calib.export.CompressedKV``).
+    """A transformers ``DynamicCache`` from a compress response (``kvcalib.calib.cache.export.CompressedKV``).
     Returns ``(DynamicCache, next_position)``.
 
     A compress response holds exactly the kept entries of every head, left-aligned with padding slots after them.

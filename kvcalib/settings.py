@@ -15,10 +15,10 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
-def _default_data_dir() -> Path:
-    from kvcalib.calib.models import default_cache_dir
+def _default_cache_dir() -> Path:
+    from kvcalib.calib.lm.registry import default_cache_dir
 
-    return default_cache_dir() / "service"
+    return default_cache_dir()
 
 
 class Settings(BaseSettings):
@@ -26,8 +26,13 @@ class Settings(BaseSettings):
                                       extra="ignore")
 
     # ------------------------------------------------------------------ storage
-    data_dir: Path = Field(default_factory=_default_data_dir,
-                           description="Folder of the embedded SQLite database and stored artefacts.")
+    cache_dir: Path = Field(default_factory=_default_cache_dir,
+                            description="Folder of converted model weights (and, by default, of the service data).")
+    data_dir: Path = Field(default_factory=lambda data: data["cache_dir"] / "service",
+                           description="Folder of the embedded SQLite database and stored artefacts "
+                                       "(default <cache_dir>/service).")
+    essays: Path | None = Field(default=None, description="Folder of .txt essays for corpus commands and sweeps "
+                                                           "(default: shared/data/essays found upward, else bundled).")
     database_url: str | None = Field(
         default=None,
         description="SQLAlchemy URL, e.g. postgresql+psycopg://user@host/db. Default: sqlite:///<data_dir>/kvcalib.db")

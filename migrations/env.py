@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from alembic import context
 
-from kvcalib.calib.store.db import VERSION_TABLE, make_engine
-from kvcalib.calib.store.models import Base
+from kvcalib.service.db import VERSION_TABLE, make_engine
+from kvcalib.service.orm import Base
 
 config = context.config
 target_metadata = Base.metadata

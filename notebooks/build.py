@@ -72,9 +72,9 @@ def save(fig, name):
 
 Short pieces cut from the essay corpus at line boundaries, taken round-robin over the essays."""),
     ("code", """\
-from kvcalib.calib.calibrate import CalibrationConfig, calibrate
-from kvcalib.calib.engine import Engine
-from kvcalib.calib.sweep import load_corpus
+from kvcalib.calib.calibration.calibrate import CalibrationConfig, calibrate
+from kvcalib.calib.pipeline import Engine
+from kvcalib.sweep import load_corpus
 
 engine = Engine.load("smollm2-135m")
 docs = load_corpus(None, tokenizer=engine.tokenizer, min_tokens=DOC_TOKENS[0], max_tokens=DOC_TOKENS[1],
@@ -184,7 +184,7 @@ plt.show()"""),
 sweep on a temporary SQLite storage (set `KVCALIB_NB_STUDY` to plot an existing study of the service database
 instead). Trial 0 is the method's published defaults."""),
     ("code", """\
-from kvcalib.calib import sweep as sw
+from kvcalib import sweep as sw
 
 study_name = os.environ.get("KVCALIB_NB_STUDY")
 if study_name:

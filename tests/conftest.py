@@ -15,7 +15,7 @@ torch.set_num_threads(int(os.environ.get("KVCALIB_TEST_THREADS", "1")))
 
 @pytest.fixture(scope="session")
 def engine():
-    from kvcalib.calib.engine import Engine
+    from kvcalib.calib.pipeline import Engine
 
     return Engine.load("smollm2-135m")
 
@@ -28,7 +28,7 @@ def tokenizer(engine):
 @pytest.fixture(scope="session")
 def short_capture(engine):
     """A ~300-token real-model capture with context NLL, shared by tests that need real activations."""
-    from kvcalib.calib.documents import load_essays
+    from kvcalib.calib.data.documents import load_essays
 
     text = load_essays()["aord"][:1400]
     prompt = engine.prompt(text, "What is this essay about?")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kvcalib.calib.store.errors import UnavailableError
+from kvcalib.service.errors import UnavailableError
 from kvcalib.settings import Settings
 
 

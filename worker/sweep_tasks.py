@@ -29,21 +29,21 @@ def _settings():
 
 
 def _load_engine(name: str):
-    from kvcalib.calib.store.engines import get_engine
+    from kvcalib.service.runtime import get_engine
 
     return get_engine(name, _settings().worker_device)
 
 
 @signals.worker_process_init.connect
 def _forget_storages(**_):
-    from kvcalib.calib.sweep import reset_storages
+    from kvcalib.sweep import reset_storages
 
     reset_storages()  # never share a connection pool across fork
 
 
 @app.task(bind=True, name=TASK_SWEEP_TRIAL, acks_late=True, reject_on_worker_lost=True, max_retries=None)
 def sweep_trial(self, study_name: str, token: str) -> dict:
-    from kvcalib.calib.sweep import make_storage, run_trial
+    from kvcalib.sweep import make_storage, run_trial
 
     storage = make_storage(_settings().db_url)
     return run_trial(study_name, token, storage=storage, load_engine=_load_engine)
@@ -58,7 +58,7 @@ def run_with_broker(study_name: str, n_trials: int, *, settings=None, storage=No
     picks up the WAITING retry of a stale trial. Returns (completed, failed, still pending)."""
     from optuna.trial import TrialState
 
-    from kvcalib.calib.sweep import SweepError, TOKEN_ATTR, _summary, load_study, make_storage, reap_stale
+    from kvcalib.sweep import SweepError, TOKEN_ATTR, _summary, load_study, make_storage, reap_stale
     from kvcalib.settings import get_settings
     from kvcalib.worker.app import make_celery
 

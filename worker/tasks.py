@@ -13,7 +13,7 @@ import threading
 from celery import signals
 from sqlalchemy.exc import DBAPIError
 
-from kvcalib.calib.store.jobs import backoff_seconds, execute_run
+from kvcalib.service.jobs import backoff_seconds, execute_run
 from kvcalib.worker.app import TASK_CALIBRATE, app
 
 log = logging.getLogger("kvcalib.worker")
@@ -31,7 +31,7 @@ def database():
     global _db
     with _lock:
         if _db is None:
-            from kvcalib.calib.store.db import prepare
+            from kvcalib.service.db import prepare
 
             s = settings()
             _db = prepare(s.db_url, s.migrate_on_start)
@@ -39,7 +39,7 @@ def database():
 
 
 def load_engine(name: str):
-    from kvcalib.calib.store.engines import get_engine
+    from kvcalib.service.runtime import get_engine
 
     return get_engine(name, settings().worker_device)
 

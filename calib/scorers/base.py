@@ -20,7 +20,7 @@ class ScoreContext:
     """What a method may need beyond the capture: the model (methods that decode, e.g. Lookahead Q-Cache) and the
     target budget (methods whose scores depend on it)."""
 
-    lm: object | None = None  # kvcalib.calib.models.LoadedModel
+    lm: object | None = None  # kvcalib.calib.lm.registry.LoadedModel
     budget: object | None = None  # kvcalib.calib.budget.Budget
     eos_ids: set[int] = field(default_factory=set)
 

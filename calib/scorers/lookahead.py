@@ -43,8 +43,8 @@ class LookaheadQCache(Scorer):
     def pseudo_queries(self, cap: Capture, ctx: ScoreContext) -> tuple[list[int], torch.Tensor]:
         """Decode the pseudo tokens on a SnapKV-compressed copy; returns (tokens, queries (L, Hq, m, d)), m ≤ n."""
         from kvcalib.calib.budget import Budget, allocate
-        from kvcalib.calib.cache import RaggedKVCache
-        from kvcalib.calib.generate import forward_tokens
+        from kvcalib.calib.cache.ragged import RaggedKVCache
+        from kvcalib.calib.cache.decode import forward_tokens
 
         budget = ctx.budget if ctx.budget is not None else Budget(ratio=0.0)
         draft = SnapKV(window=self.draft_window, kernel=self.kernel, pooling="max").score(cap)

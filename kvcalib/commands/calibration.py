@@ -15,7 +15,7 @@ import typer
 from rich.table import Table
 from tqdm import tqdm
 
-from kvcalib.commands.common import console, emit_json, fail, friendly_errors
+from kvcalib.commands.common import console, emit_json, fail, friendly_errors, load_engine
 
 
 def _ratios(text: str | None) -> tuple[float, ...] | None:
@@ -61,8 +61,8 @@ def calibrate_cmd(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ):
     """Calibrate every document of CORPUS (quality curve + r*) and append one result per line to --out."""
-    from kvcalib.calib.calibrate import CalibrationConfig, calibrate
-    from kvcalib.calib.corpus import append_label, done_keys, load_corpus, read_labels, read_texts
+    from kvcalib.calib.calibration.calibrate import CalibrationConfig, calibrate
+    from kvcalib.calib.data.corpus import append_label, done_keys, load_corpus, read_labels, read_texts
 
     cfg = {"method": method, "allocator": allocator, "tolerance": tolerance, "seed": seed}
     if ratios is not None:
@@ -78,9 +78,9 @@ def calibrate_cmd(
         fail(f"--out {str(out)!r} is a folder; give a .jsonl file")
     done = done_keys(read_labels(out, must_exist=False))
 
-    from kvcalib.calib.engine import Engine
+    from kvcalib.calib.pipeline import Engine
 
-    eng = Engine.load(model)
+    eng = load_engine(model)
     docs = load_corpus(corpus, eng.tokenizer, min_tokens, max_tokens, limit=limit, seed=shuffle)
     ph = config.params_hash()
     todo = [d for d in docs if (d.content_hash, ph) not in done]
@@ -132,7 +132,7 @@ def fit_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON report.")] = False,
 ):
     """Fit the parametric (Compactor), learned (quantile boosting) and conformal predictors of r*; save them."""
-    from kvcalib.calib.corpus import consistent_labels, evaluate_predictors, read_labels, split_labels
+    from kvcalib.calib.data.corpus import consistent_labels, evaluate_predictors, read_labels, split_labels
     from kvcalib.calib.predictors import fit_predictors, save_predictors
 
     if not 0.0 < alpha < 1.0:
@@ -177,7 +177,7 @@ def evaluate_cmd(
     """Held-out violation rate, mean KV reduction and error of predictors vs the best single global ratio."""
     import numpy as np
 
-    from kvcalib.calib.corpus import consistent_labels, evaluate_predictors, plot_evaluation, read_labels
+    from kvcalib.calib.data.corpus import consistent_labels, evaluate_predictors, plot_evaluation, read_labels
     from kvcalib.calib.predictors import ConformalPredictor, load_manifest, load_predictors
 
     if alpha is not None and not 0.0 < alpha < 1.0:

@@ -32,5 +32,13 @@ def friendly_errors(fn):
     return wrapper
 
 
+def load_engine(model: str, device: str = "cpu"):
+    """The engine of ``model`` with the weights cache of the settings (``KVCALIB_CACHE_DIR``)."""
+    from kvcalib.calib.pipeline import Engine
+    from kvcalib.settings import get_settings
+
+    return Engine.load(model, device=device, cache_dir=get_settings().cache_dir)
+
+
 def emit_json(obj) -> None:
     sys.stdout.write(json.dumps(obj, indent=2) + "\n")

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 from tqdm import tqdm
 
-from kvcalib.commands.common import console, emit_json, fail, friendly_errors
+from kvcalib.commands.common import console, emit_json, fail, friendly_errors, load_engine
 
 eval_app = typer.Typer(no_args_is_help=True, help="Evaluate methods on synthetic tasks.")
 
@@ -32,7 +32,7 @@ def _budget(ratio: float | None, tokens: int | None):
 def _decode_policy(name: str | None, budget: int | None, recent: int | None):
     if name is None:
         return None
-    from kvcalib.calib.decoding import get_policy
+    from kvcalib.calib.cache.policies import get_policy
 
     return get_policy(name, budget=budget, recent=recent)
 
@@ -53,7 +53,7 @@ def generate(
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON report.")] = False,
 ):
     """Compress CONTEXT's KV cache with METHOD at RATIO and answer QUESTION from the compressed cache."""
-    from kvcalib.calib.engine import Engine
+    from kvcalib.calib.pipeline import Engine
 
     if not context.is_file():
         fail(f"context file {str(context)!r} does not exist")
@@ -62,7 +62,7 @@ def generate(
         fail("context file is empty")
     b = _budget(ratio, tokens)
     policy = _decode_policy(decode_policy, decode_budget, decode_recent)
-    eng = Engine.load(model)
+    eng = load_engine(model)
     res = eng.run(text, question, method=method, budget=b, allocator=allocator, max_new_tokens=max_new_tokens,
                   policy=policy)
     if as_json:
@@ -90,15 +90,15 @@ def eval_passkey(
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON report.")] = False,
 ):
     """Single-needle passkey retrieval accuracy under query-agnostic compression."""
-    from kvcalib.calib import tasks
-    from kvcalib.calib.engine import Engine
+    from kvcalib.calib.data import synthetic as tasks
+    from kvcalib.calib.pipeline import Engine
 
     if n < 1:
         fail("--n must be at least 1")
     if not 64 <= context_tokens <= 8192:
         fail("--context-tokens must be within 64..8192")
     b = _budget(ratio, tokens)
-    eng = Engine.load(model)
+    eng = load_engine(model)
     examples = tasks.passkey(eng.tokenizer, n, seed=seed, n_tokens=context_tokens)
     rows = []
     for ex in tqdm(examples, desc=f"passkey {method}", disable=as_json, file=None):
@@ -126,14 +126,14 @@ def demo(
     """The main job on the embedded defaults: compress a bundled essay (with a hidden passcode) at several ratios
     and answer from each compressed cache; then calibrate the essay through the embedded service."""
     from kvcalib.calib.budget import Budget
-    from kvcalib.calib.documents import PACKAGE_DATA
-    from kvcalib.calib.engine import Engine
-    from kvcalib.calib.tasks import insert_at_depth
+    from kvcalib.calib.data.documents import PACKAGE_DATA
+    from kvcalib.calib.pipeline import Engine
+    from kvcalib.calib.data.synthetic import insert_at_depth
 
     essay = (PACKAGE_DATA / "hubs.txt").read_text(encoding="utf-8")
     context = insert_at_depth(essay, "The secret passcode for the blue door is 62817.", 0.4)
     question = "What is the secret passcode for the blue door? Answer with the number only."
-    eng = Engine.load(model)
+    eng = load_engine(model)
     rows = []
     for ratio in (0.0, 0.5, 0.75, 0.9):
         res = eng.run(context, question, method=method, budget=Budget(ratio=ratio), max_new_tokens=24)

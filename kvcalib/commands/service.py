@@ -25,7 +25,7 @@ def _unavailable_is_error(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from kvcalib.calib.store.errors import UnavailableError
+        from kvcalib.service.errors import UnavailableError
 
         try:
             return fn(*args, **kwargs)
@@ -42,7 +42,7 @@ def _settings(**overrides):
 
 
 def _redact(url: str) -> str:
-    from kvcalib.calib.store.db import _redact as redact
+    from kvcalib.service.db import _redact as redact
 
     return redact(url)
 
@@ -93,7 +93,7 @@ def worker(
     if not s.broker_url:
         fail("KVCALIB_BROKER_URL is not set: without a broker `kvcalib serve` runs jobs in-process and needs no "
              "worker")
-    from kvcalib.calib.store.db import prepare
+    from kvcalib.service.db import prepare
 
     prepare(s.db_url, s.migrate_on_start)  # refuse to start on an old schema, with the fix in the message
     from kvcalib.worker.app import app as celery_app
@@ -114,7 +114,7 @@ def db_upgrade(
     revision: Annotated[str, typer.Option(help="Target revision.")] = "head",
 ):
     """Apply the Alembic migrations (`alembic upgrade head`)."""
-    from kvcalib.calib.store.db import upgrade
+    from kvcalib.service.db import upgrade
 
     s = _settings(database_url=database_url)
     rev = upgrade(s.db_url, revision)
@@ -127,7 +127,7 @@ def db_current(
     database_url: Annotated[Optional[str], typer.Option(help="Default: KVCALIB_DATABASE_URL.")] = None,
 ):
     """Print the schema revision of the database and the head revision."""
-    from kvcalib.calib.store.db import Database, current_revision, head_revision
+    from kvcalib.service.db import Database, current_revision, head_revision
 
     s = _settings(database_url=database_url)
     db = Database(s.db_url)
@@ -142,7 +142,7 @@ def db_current(
 # ---------------------------------------------------------------------------------------------------- batch
 def read_corpus(path: Path) -> list[dict]:
     """A folder of .txt files (one document each, source = file name) or a JSONL file."""
-    from kvcalib.calib.store.service import decode_utf8, parse_jsonl
+    from kvcalib.service.core import decode_utf8, parse_jsonl
 
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix in (".txt", ".md") and p.is_file())
@@ -231,15 +231,15 @@ def _batch_via_api(api, token, docs, params, wait, poll, quiet) -> dict:
 
 
 def _batch_direct(docs, params, wait, poll, quiet) -> dict:
-    from kvcalib.calib.store.db import prepare
-    from kvcalib.calib.store.service import DocumentInput, Service
+    from kvcalib.service.db import prepare
+    from kvcalib.service.core import DocumentInput, Service
     from kvcalib.settings import get_settings
 
     s = get_settings()
     db = prepare(s.db_url, s.migrate_on_start)
     if s.embedded:
-        from kvcalib.calib.store.engines import get_engine
-        from kvcalib.calib.store.jobs import InProcessDispatcher
+        from kvcalib.service.runtime import get_engine
+        from kvcalib.service.jobs import InProcessDispatcher
 
         dispatcher = InProcessDispatcher(db, lambda name: get_engine(name, s.worker_device), s.inprocess_workers,
                                          s.job_max_retries + 1, s.job_retry_backoff)

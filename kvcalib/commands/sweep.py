@@ -34,14 +34,14 @@ def _settings(**overrides):
 
 
 def _storage(s, heartbeat: bool = True):
-    from kvcalib.calib.sweep import make_storage
+    from kvcalib.sweep import make_storage
 
     return make_storage(s.db_url, heartbeat=heartbeat)
 
 
 def _name(study: str | None, model: str | None, method: str | None, allocator: str | None, suffix: str | None,
           s) -> str:
-    from kvcalib.calib.sweep import study_name
+    from kvcalib.sweep import study_name
 
     if study:
         if suffix:
@@ -105,7 +105,7 @@ def run(
     """Create or resume the study of (model, method, allocator) and run TRIALS more trials."""
     from tqdm import tqdm
 
-    from kvcalib.calib import sweep as sw
+    from kvcalib import sweep as sw
 
     s = _settings(database_url=database_url)
     use_broker = bool(s.broker_url) if broker is None else broker
@@ -120,7 +120,7 @@ def run(
     existing = {x["study"] for x in sw.list_studies(storage)}
     spec = None
     if name not in existing:
-        from kvcalib.calib.store.engines import model_info
+        from kvcalib.service.runtime import model_info
 
         sw.search_space(method or "compactor", allocator or "uniform")  # fail before reading the corpus
         mdl = model or s.default_model
@@ -133,7 +133,7 @@ def run(
                             **{k: v for k, v in given.items()
                                if v is not None and k not in ("model", "method", "allocator", "tolerance")})
     elif corpus is not None:
-        from kvcalib.calib.store.engines import model_info
+        from kvcalib.service.runtime import model_info
 
         stored = sw.spec_of(sw.load_study(name, storage))
         given["documents"] = sw.load_corpus(corpus, tokenizer=model_info(stored.model).tokenizer, min_tokens=lo,
@@ -209,7 +209,7 @@ def show(
     as_json: JsonOpt = False,
 ):
     """Print a study's Pareto front (mean r* up, fidelity loss down)."""
-    from kvcalib.calib import sweep as sw
+    from kvcalib import sweep as sw
 
     s = _settings(database_url=database_url)
     name = _name(study_arg, model, method, allocator, suffix, s)
@@ -230,7 +230,7 @@ def list_(database_url: DbOpt = None, as_json: JsonOpt = False):
     from rich.console import Console
     from rich.table import Table
 
-    from kvcalib.calib import sweep as sw
+    from kvcalib import sweep as sw
 
     rows = sw.list_studies(_storage(_settings(database_url=database_url)))
     if as_json:
@@ -253,7 +253,7 @@ def promote(
     as_json: JsonOpt = False,
 ):
     """Promote a trial's parameters to the defaults the API uses for (model, method)."""
-    from kvcalib.calib import sweep as sw
+    from kvcalib import sweep as sw
 
     s = _settings(database_url=database_url)
     entry = sw.promote(study_arg, trial=trial, max_loss=max_loss, storage=_storage(s), data_dir=s.data_dir)
@@ -280,7 +280,7 @@ def dashboard(
 
     from optuna_dashboard import wsgi
 
-    from kvcalib.calib.store.db import _redact
+    from kvcalib.service.db import _redact
 
     s = _settings(database_url=database_url)
     app = wsgi(_storage(s, heartbeat=False))

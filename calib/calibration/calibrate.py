@@ -1,0 +1,298 @@
+"""Calibration API: per-context quality curves, the largest safe ratio r*(τ), features, and predictions.
+
+>>> cfg = CalibrationConfig(method="compactor", tolerance=0.95)
+>>> res = calibrate(engine, text, cfg)                  # one prefill, one scoring, one batched probe forward
+>>> res.r_star, res.fidelity, res.layer_budgets
+>>> pred = predict(engine, text, cfg, load_predictor("predictors/"))   # one prefill + scores, no probes
+
+The context is laid out as in ``Engine.prompt(text, question)`` (chat header + document) so that what is calibrated
+is exactly the cache a later question will be asked against. See docs/calibration.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+
+from kvcalib.calib import budget as budgets
+from kvcalib.calib.capture import Capture
+from kvcalib.calib.calibration.curve import DEFAULT_RATIOS, keep_masks, largest_safe_ratio, one_pass_curve
+from kvcalib.calib.data.documents import content_hash
+from kvcalib.calib.errors import KvcalibError
+from kvcalib.calib.calibration.features import context_features
+from kvcalib.calib.calibration.probes import SEPARATOR, reconstruction_probes, user_probes as make_user_probes
+
+Progress = Callable[[float, str], None]
+NLL_STRIDE = 8  # context NLL features from every 8th token: 1/8 of the LM-head cost (docs/calibration.md §8)
+
+
+class CalibrationError(KvcalibError):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------------- config
+@dataclass
+class CalibrationConfig:
+    """Everything that determines a calibration label (its ``params_hash`` keys resumable corpora and caches)."""
+
+    method: str = "compactor"
+    method_params: dict = field(default_factory=dict)
+    allocator: str = "adakv"  # head-adaptive: larger r* and passkey kept at r* (docs/calibration.md §9–10)
+    ratios: tuple[float, ...] = DEFAULT_RATIOS
+    tolerance: float = 0.95
+    n_probes: int = 6  # reconstruction probes (spans of the document)
+    probe_tokens: int = 6  # scored target tokens per probe
+    cue_tokens: int = 4  # document tokens fed before the target
+    seed: int = 0  # span choice
+
+    def __post_init__(self):
+        try:
+            self.ratios = tuple(sorted(float(r) for r in self.ratios))
+        except (TypeError, ValueError):
+            raise CalibrationError(f"ratios must be numbers in (0, 1), got {self.ratios!r}") from None
+        self.method_params = dict(self.method_params or {})
+
+    def validate(self) -> "CalibrationConfig":
+        from kvcalib.calib.scorers import available_methods, get_scorer
+
+        if self.method not in available_methods():
+            raise CalibrationError(f"unknown method {self.method!r}: expected one of {available_methods()}")
+        get_scorer(self.method, **self.method_params)  # raises on unknown parameters, with the valid names
+        if self.allocator not in budgets.available_allocators():
+            raise CalibrationError(
+                f"unknown allocator {self.allocator!r}: expected one of {budgets.available_allocators()}")
+        if not self.ratios:
+            raise CalibrationError("ratios must hold at least one compression ratio in (0, 1)")
+        bad = [r for r in self.ratios if not (0.0 < r < 1.0) or math.isnan(r)]
+        if bad:
+            raise CalibrationError(f"ratios must lie in (0, 1) (exclusive), got {bad}")
+        if len(set(self.ratios)) != len(self.ratios):
+            raise CalibrationError(f"ratios must be distinct, got {list(self.ratios)}")
+        if not (0.0 < float(self.tolerance) <= 1.0):
+            raise CalibrationError(f"tolerance must lie in (0, 1], got {self.tolerance}")
+        for name, lo in (("n_probes", 0), ("probe_tokens", 1), ("cue_tokens", 1)):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+                raise CalibrationError(f"{name} must be an integer >= {lo}, got {v!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise CalibrationError(f"seed must be an integer, got {self.seed!r}")
+        return self
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["ratios"] = [float(r) for r in self.ratios]
+        d["tolerance"] = float(self.tolerance)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CalibrationConfig":
+        if not isinstance(d, dict):
+            raise CalibrationError(f"calibration config must be an object, got {type(d).__name__}")
+        names = [f.name for f in fields(cls)]
+        unknown = sorted(set(d) - set(names))
+        if unknown:
+            raise CalibrationError(f"unknown calibration field(s) {unknown}: expected {names}")
+        kw = dict(d)
+        if "ratios" in kw:
+            if isinstance(kw["ratios"], (str, bytes)) or not hasattr(kw["ratios"], "__iter__"):
+                raise CalibrationError(f"ratios must be a list of numbers in (0, 1), got {kw['ratios']!r}")
+            kw["ratios"] = tuple(kw["ratios"])
+        if "method_params" in kw and not isinstance(kw["method_params"] or {}, dict):
+            raise CalibrationError("method_params must be an object")
+        for name in ("tolerance",):
+            if name in kw and (isinstance(kw[name], bool) or not isinstance(kw[name], (int, float))):
+                raise CalibrationError(f"{name} must be a number, got {kw[name]!r}")
+        return cls(**kw).validate()
+
+    def params_hash(self) -> str:
+        """sha256 of the canonical JSON of every field (sorted keys, no whitespace): stable across processes."""
+        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+        return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------- result
+@dataclass
+class CalibrationResult:
+    config: CalibrationConfig
+    context_tokens: int
+    ratios: list[float]  # the grid, ascending (ratio 0 — the full cache — is the implicit reference)
+    fidelity: list[float]  # mean probe fidelity per ratio, in [0, 1]
+    kl: list[float]  # mean next-token KL(full ‖ r) over the probe targets, per ratio
+    r_star: float  # largest safe ratio at config.tolerance (interpolated between grid points)
+    monotone: bool
+    features: dict[str, float]
+    layer_budgets: list[int]  # kept tokens per layer at r* (len L)
+    head_budgets: list[list[int]]  # kept tokens per (layer, kv head) at r* (L × Hkv)
+    seconds: float
+    r_star_grid: float = 0.0  # the largest grid ratio before the first failing one (no interpolation)
+    content_hash: str = ""  # sha256 of the document text
+    doc_id: str | None = None
+    model: str = ""
+    probe_fidelity: list[list[float]] = field(default_factory=list)  # (R, K) per ratio and probe
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def params_hash(self) -> str:
+        return self.config.params_hash()
+
+    def to_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["config"] = self.config.to_dict()
+        d["params_hash"] = self.params_hash
+        return json.loads(json.dumps(d))  # plain JSON types only
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CalibrationResult":
+        if not isinstance(d, dict):
+            raise CalibrationError(f"calibration result must be an object, got {type(d).__name__}")
+        names = {f.name for f in fields(cls)}
+        required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
+        missing = sorted(required - set(d))
+        if missing:
+            raise CalibrationError(f"calibration result lacks field(s) {missing}")
+        kw = {k: v for k, v in d.items() if k in names}
+        kw["config"] = CalibrationConfig.from_dict(d["config"])
+        return cls(**kw)
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+def _noop(_f: float, _m: str) -> None:
+    pass
+
+
+def context_ids(engine, text: str) -> tuple[torch.Tensor, int]:
+    """(ids, doc_start): the cached part of ``engine.prompt(text, …)`` and where the document starts in it."""
+    if not isinstance(text, str) or not text.strip():
+        raise CalibrationError("the document is empty")
+    ids = engine.prompt(text, "").context_ids
+    head = engine.prompt("", "").context_ids
+    start = int(head.numel()) if torch.equal(ids[:head.numel()], head) else 0
+    return ids, start
+
+
+def _scores(engine, cap, config: CalibrationConfig) -> torch.Tensor:
+    scorer = engine.scorer(config.method, **config.method_params)
+    # methods whose scores depend on the budget (e.g. lookahead) are scored once at the grid's median ratio
+    mid = config.ratios[len(config.ratios) // 2]
+    return scorer.score(cap, engine.score_context(budgets.Budget(ratio=mid)))
+
+
+def budgets_at(scores: torch.Tensor, ratio: float, allocator: str) -> tuple[list[int], list[list[int]]]:
+    """Kept tokens per layer (L,) and per (layer, kv head) (L × Hkv) when ``scores`` (L, Hkv, N) are compressed at
+    ``ratio`` by ``allocator``."""
+    ratio = float(ratio)
+    if not 0.0 <= ratio < 1.0:
+        raise CalibrationError(f"compression ratio must be in [0, 1), got {ratio}")
+    keep = budgets.allocate(scores, budgets.Budget(ratio=ratio), allocator)
+    per_head = keep.sum(-1)  # (L, Hkv)
+    return [int(x) for x in per_head.sum(-1)], [[int(x) for x in row] for row in per_head]
+
+
+def _probes(engine, cap, doc_start: int, config: CalibrationConfig) -> list:
+    """The calibration's reconstruction probes (deterministic in ``config.seed``)."""
+    if not config.n_probes:
+        return []
+    tok = engine.tokenizer
+    sep = tok(SEPARATOR, add_special_tokens=False).input_ids if SEPARATOR else []
+    return reconstruction_probes(cap.input_ids, doc_start, config.n_probes, config.cue_tokens, config.probe_tokens,
+                                 config.seed, sep)
+
+
+def _prepare(engine, text: str, config: CalibrationConfig, progress: Progress):
+    config.validate()
+    t = {}
+    ids, doc_start = context_ids(engine, text)
+    progress(0.02, f"prefill of {ids.numel()} tokens")
+    t0 = time.perf_counter()
+    cap = engine.capture(ids, compute_nll=True, nll_stride=NLL_STRIDE)
+    t["prefill_s"] = time.perf_counter() - t0
+    progress(0.45, f"scoring with {config.method}")
+    t0 = time.perf_counter()
+    scores = _scores(engine, cap, config)
+    t["score_s"] = time.perf_counter() - t0
+    progress(0.55, "features")
+    t0 = time.perf_counter()
+    keep = keep_masks(scores, config.ratios, config.allocator)
+    feats = context_features(text, cap, scores, keep[1:], config.ratios,
+                             doc_start=doc_start, window=config.probe_tokens)
+    t["features_s"] = time.perf_counter() - t0
+    return cap, doc_start, scores, keep, feats, t
+
+
+# ---------------------------------------------------------------------------------------------------- API
+def featurize(engine, text: str, config: CalibrationConfig) -> tuple[dict[str, float], Capture, torch.Tensor]:
+    """One prefill + scores + features, no probes (what a prediction costs). Returns (features, capture, scores)."""
+    cap, _, scores, _, feats, _ = _prepare(engine, text, config, _noop)
+    return feats, cap, scores
+
+
+def calibrate(engine, text: str, config: CalibrationConfig = CalibrationConfig(),
+              progress: Progress | None = None, user_probes: list[tuple[str, str]] | None = None,
+              doc_id: str | None = None) -> CalibrationResult:
+    """The quality curve of ``text`` over ``config.ratios`` and its largest safe ratio r*(τ), from one prefill."""
+    progress = progress or _noop
+    t_start = time.perf_counter()
+    cap, doc_start, scores, keep, feats, timings = _prepare(engine, text, config, progress)
+    probes = _probes(engine, cap, doc_start, config)
+    if user_probes:
+        probes += make_user_probes(engine.tokenizer, list(user_probes))
+    if not probes:
+        raise CalibrationError("no probes: set n_probes >= 1 or pass user_probes")
+    progress(0.6, f"probing {len(probes)} probes at {len(config.ratios)} ratios")
+    t0 = time.perf_counter()
+    curve = one_pass_curve(engine.lm, cap.keys, cap.values, scores, probes, config.ratios, config.allocator,
+                           keep=keep)
+    timings["probes_s"] = time.perf_counter() - t0
+    progress(0.95, "largest safe ratio")
+    r_star, r_grid, monotone = largest_safe_ratio(curve.ratios, curve.fidelity, config.tolerance)
+    layer_b, head_b = budgets_at(scores, r_star, config.allocator)
+    progress(1.0, f"r* = {r_star:.3f}")
+    return CalibrationResult(
+        config=config, context_tokens=cap.num_tokens, ratios=curve.ratios, fidelity=curve.fidelity, kl=curve.kl,
+        r_star=float(r_star), monotone=bool(monotone), features=feats, layer_budgets=layer_b, head_budgets=head_b,
+        seconds=time.perf_counter() - t_start, r_star_grid=float(r_grid), content_hash=content_hash(text),
+        doc_id=doc_id, model=getattr(engine.lm, "name", ""), probe_fidelity=curve.probe_fidelity,
+        timings={k: round(v, 4) for k, v in timings.items()})
+
+
+@dataclass
+class Prediction:
+    ratio: float  # recommended compression ratio
+    token_budget: int  # kept tokens per (layer, head) on average at that ratio
+    layer_budgets: list[int]
+    head_budgets: list[list[int]]
+    features: dict[str, float]
+    predictor_version: str
+    context_tokens: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def predict(engine, text: str, config: CalibrationConfig, predictor) -> Prediction:
+    """Recommend a compression ratio for ``text`` from its features alone (one prefill + scores, no probes).
+    ``predictor`` is a loaded predictor or a path to a predictor file / folder (``load_predictor``)."""
+    from kvcalib.calib.predictors import load_predictor
+
+    if isinstance(predictor, (str, Path)):
+        predictor = load_predictor(predictor)
+    trained = predictor.training_config()
+    if trained:
+        for key in ("method", "allocator", "tolerance"):
+            if key in trained and trained[key] != getattr(config, key):
+                raise CalibrationError(f"predictor {predictor.version} was trained for {key}={trained[key]!r}, "
+                                       f"not {getattr(config, key)!r}")
+    feats, cap, scores = featurize(engine, text, config)
+    r = float(predictor.predict([feats])[0])
+    r = min(max(r, 0.0), max(config.ratios), 0.999)
+    layer_b, head_b = budgets_at(scores, r, config.allocator)
+    return Prediction(ratio=r, token_budget=budgets.Budget(ratio=r).per_head(cap.num_tokens), layer_budgets=layer_b,
+                      head_budgets=head_b, features=feats, predictor_version=predictor.version,
+                      context_tokens=cap.num_tokens)

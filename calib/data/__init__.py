@@ -1,0 +1,1 @@
+"""Documents and data: bundled text, prompt layout, chunking, synthetic tasks, corpora, JSONL."""

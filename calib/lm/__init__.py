@@ -1,0 +1,1 @@
+"""Language models: the offline registry and kvcalib's ragged attention path."""

@@ -1,0 +1,203 @@
+"""Job execution, shared by the Celery task and the embedded (in-process) executor.
+
+``execute_run(db, run_id, load_engine, max_attempts)`` is the whole job and is idempotent by construction:
+
+1. a run that already has its profile is "already done" — a redelivered message writes nothing;
+2. the run is claimed (status ``running``, ``attempts`` + 1) and calibrated with progress written to its row;
+3. the curve points, the profile and the ``succeeded`` status are written in ONE transaction guarded by the unique
+   constraints (profile per run, curve point per (run, ratio)); a concurrent duplicate loses the race silently.
+
+A crash between 2 and 3 leaves a ``running`` row and no profile; the broker redelivers the message (``acks_late``,
+visibility timeout) and the run is simply calibrated again. Input errors (``KvcalibError``) fail the run at once;
+other errors ask for a retry until ``max_attempts`` is reached.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from kvcalib.calib.errors import KvcalibError
+from kvcalib.service import repository as repo
+from kvcalib.service.db import Database
+from kvcalib.service.orm import RunStatus, utcnow
+
+log = logging.getLogger("kvcalib.jobs")
+
+
+@dataclass
+class Outcome:
+    status: str  # succeeded | already-done | failed | retry | missing
+    run_id: int
+    profile_id: int | None = None
+    error: str | None = None
+
+    def to_dict(self) -> dict:
+        return {"status": self.status, "run_id": self.run_id, "profile_id": self.profile_id, "error": self.error}
+
+
+def token_budget_of(ratio: float, context_tokens: int) -> int:
+    """Average kept positions per (layer, head) at compression ratio ``ratio`` (``Budget.per_head``)."""
+    from kvcalib.calib.budget import Budget
+
+    return Budget(ratio=min(max(float(ratio), 0.0), 0.999999)).per_head(int(context_tokens))
+
+
+class _Progress:
+    """Throttled progress writer (at most one UPDATE per ``interval`` seconds, errors never abort the job)."""
+
+    def __init__(self, db: Database, run_id: int, interval: float = 0.5):
+        self.db, self.run_id, self.interval = db, run_id, interval
+        self.last = 0.0
+
+    def __call__(self, fraction: float, message: str = "") -> None:
+        now = time.monotonic()
+        if now - self.last < self.interval and fraction < 1.0:
+            return
+        self.last = now
+        try:
+            with self.db.session() as s:
+                repo.set_run(s, self.run_id, progress=max(0.0, min(0.99, float(fraction))),
+                             message=(message or "calibrating")[:500])
+        except Exception:  # noqa: BLE001 - progress is best effort
+            log.warning("progress update of run %s failed", self.run_id, exc_info=True)
+
+
+def execute_run(db: Database, run_id: int, load_engine: Callable[[str], object], max_attempts: int = 4,
+                task_id: str | None = None) -> Outcome:
+    from kvcalib.calib.calibration.calibrate import CalibrationConfig, calibrate
+
+    # ---- 1. already done? claim
+    with db.session() as s:
+        run = repo.get_run(s, run_id)
+        if run is None:
+            return Outcome("missing", run_id, error="no such run")
+        prof = repo.profile_for_run(s, run_id)
+        if prof is not None:
+            if run.status != RunStatus.succeeded.value:
+                repo.set_run(s, run_id, status=RunStatus.succeeded.value, progress=1.0, message="done",
+                             finished_at=run.finished_at or utcnow())
+            return Outcome("already-done", run_id, profile_id=prof.id)
+        if run.attempts >= max_attempts:
+            repo.set_run(s, run_id, status=RunStatus.failed.value, finished_at=utcnow(),
+                         message="failed", error=(run.error or "") + f"\ngave up after {run.attempts} attempts")
+            return Outcome("failed", run_id, error=f"gave up after {run.attempts} attempts")
+        repo.set_run(s, run_id, status=RunStatus.running.value, attempts=run.attempts + 1, started_at=utcnow(),
+                     progress=0.0, message="loading model", task_id=task_id or run.task_id)
+        attempts = run.attempts + 1
+        text, model_name, revision = run.document.text, run.model.name, run.model.revision
+        params = dict(run.params)
+
+    # ---- 2. calibrate
+    try:
+        config = CalibrationConfig.from_dict(params)
+        engine = load_engine(model_name)
+        got = getattr(getattr(engine, "lm", None), "spec", None)
+        if got is not None and got.revision != revision:
+            raise KvcalibError(f"model {model_name!r} is at revision {got.revision} in this worker but the run "
+                               f"was submitted for revision {revision}")
+        result = calibrate(engine, text, config, progress=_Progress(db, run_id))
+    except KvcalibError as exc:
+        _fail(db, run_id, f"{type(exc).__name__}: {exc}")
+        return Outcome("failed", run_id, error=str(exc))
+    except (ValueError, TypeError, ZeroDivisionError, IndexError) as exc:
+        if params.get("method_params"):  # caller-chosen hyperparameters broke the method: retrying cannot help
+            _fail(db, run_id, f"calibration failed with the given method_params: {type(exc).__name__}: {exc}")
+            return Outcome("failed", run_id, error=str(exc))
+        return _transient(db, run_id, exc, attempts, max_attempts)
+    except Exception as exc:  # noqa: BLE001 - transient (OOM, CUDA, DB hiccup…): retry
+        return _transient(db, run_id, exc, attempts, max_attempts)
+
+    # ---- 3. store exactly once
+    with db.session() as s:
+        run = repo.get_run(s, run_id)
+        profile, written = repo.save_result(s, run, result, token_budget_of(result.r_star, result.context_tokens))
+        if run.document.token_count is None:
+            run.document.token_count = int(result.context_tokens)
+        repo.set_run(s, run_id, status=RunStatus.succeeded.value, progress=1.0, error=None,
+                     message="done" if written else "done (by another delivery)", finished_at=utcnow())
+        profile_id = profile.id
+    return Outcome("succeeded" if written else "already-done", run_id, profile_id=profile_id)
+
+
+def _transient(db: Database, run_id: int, exc: BaseException, attempts: int, max_attempts: int) -> Outcome:
+    err = f"{type(exc).__name__}: {exc}"
+    log.warning("run %s attempt %s failed: %s", run_id, attempts, err)
+    if attempts >= max_attempts:
+        _fail(db, run_id, err + "\n" + "".join(traceback.format_exception(exc, limit=5)))
+        return Outcome("failed", run_id, error=err)
+    with db.session() as s:
+        repo.set_run(s, run_id, status=RunStatus.queued.value, error=err,
+                     message=f"retrying after attempt {attempts}/{max_attempts}")
+    return Outcome("retry", run_id, error=err)
+
+
+def _fail(db: Database, run_id: int, error: str) -> None:
+    with db.session() as s:
+        repo.set_run(s, run_id, status=RunStatus.failed.value, error=error[:10_000], message="failed",
+                     finished_at=utcnow())
+
+
+def backoff_seconds(attempt: int, base: float) -> float:
+    return min(300.0, base * (2 ** max(0, attempt - 1)))
+
+
+# ---------------------------------------------------------------------------------------------------- dispatchers
+class InProcessDispatcher:
+    """The embedded executor: a thread pool in the API process runs ``execute_run`` (retries with backoff)."""
+
+    kind = "in-process"
+
+    def __init__(self, db: Database, load_engine: Callable[[str], object], workers: int = 1, max_attempts: int = 4,
+                 backoff: float = 2.0):
+        self.db, self.load_engine = db, load_engine
+        self.max_attempts, self.backoff = max_attempts, backoff
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kvcalib-job")
+        self._pending: set[int] = set()
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def check(self) -> None:
+        if self._closed:
+            from kvcalib.service.errors import UnavailableError
+
+            raise UnavailableError("the in-process executor is shut down")
+
+    def submit(self, run_id: int) -> str | None:
+        self.check()
+        with self._lock:
+            if run_id in self._pending:  # already waiting in this process: do not queue it twice
+                return f"inproc-{run_id}"
+            self._pending.add(run_id)
+        self.pool.submit(self._run, run_id)
+        return f"inproc-{run_id}"
+
+    def _run(self, run_id: int) -> None:
+        try:
+            for attempt in range(1, self.max_attempts + 2):
+                if self._closed:
+                    return
+                try:
+                    out = execute_run(self.db, run_id, self.load_engine, self.max_attempts, f"inproc-{run_id}")
+                except Exception:  # noqa: BLE001 - DB down: wait and try again
+                    log.exception("in-process run %s crashed", run_id)
+                    out = Outcome("retry", run_id)
+                if out.status != "retry":
+                    return
+                time.sleep(backoff_seconds(attempt, self.backoff))
+        finally:
+            with self._lock:
+                self._pending.discard(run_id)
+
+    def pending(self) -> int:
+        with self._lock:
+            return len(self._pending)
+
+    def close(self, wait: bool = False) -> None:
+        self._closed = True
+        self.pool.shutdown(wait=wait, cancel_futures=True)

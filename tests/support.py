@@ -1,0 +1,211 @@
+"""Fixtures and helpers of the service tests (imported by tests/test_service_*.py).
+
+Real components only: a fresh PostgreSQL database per test session (``kvcalib_test_<random>``, created through the
+``test`` database, dropped at the end), a dedicated Redis DB number (flushed before and after) with a queue name
+unique to the session, and real ``celery worker`` subprocesses.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+PG_ADMIN = os.environ.get("KVCALIB_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/test")
+REDIS_BASE = os.environ.get("KVCALIB_TEST_REDIS", "redis://127.0.0.1:6379")
+REDIS_DB = int(os.environ.get("KVCALIB_TEST_REDIS_DB", "13"))
+DOWN_REDIS = "redis://127.0.0.1:6390/0"  # nothing listens there: a broker that is down
+
+# Small calibration settings: seconds per document on 2 CPU cores.
+FAST_OPTIONS = {"ratios": [0.3, 0.6, 0.9], "n_probes": 2}
+
+
+def short_documents(tokenizer, n: int, min_tokens: int = 150, max_tokens: int = 250) -> list[str]:
+    """``n`` distinct short documents (150–250 tokens) cut from the essay corpus."""
+    from kvcalib.calib.data.documents import chunk_by_tokens, load_essays
+
+    docs: list[str] = []
+    for text in load_essays().values():
+        docs += chunk_by_tokens(tokenizer, text, min_tokens, max_tokens)
+        if len(docs) >= n:
+            break
+    docs = list(dict.fromkeys(docs))
+    i = 0
+    while len(docs) < n:  # bundled corpus too small: vary existing pieces
+        docs.append(f"Note {i}.\n" + docs[i % len(docs)])
+        i += 1
+    return docs[:n]
+
+
+# ---------------------------------------------------------------------------------------------------- PostgreSQL
+def _pg_admin():
+    import psycopg
+
+    return psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=3)
+
+
+@pytest.fixture(scope="session")
+def pg_url():
+    """URL of a fresh PostgreSQL database migrated to head; dropped at the end of the session."""
+    try:
+        admin = _pg_admin()
+    except Exception as exc:  # noqa: BLE001
+        pytest.fail(f"PostgreSQL is not reachable (start it: .ci/services.sh) at {PG_ADMIN}: {exc}")
+    name = f"kvcalib_test_{secrets.token_hex(4)}"
+    admin.execute(f'CREATE DATABASE "{name}"')
+    base = PG_ADMIN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://")
+    url = f"{base}/{name}"
+    from kvcalib.service.db import upgrade
+
+    upgrade(url)
+    try:
+        yield url
+    finally:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
+
+
+@pytest.fixture()
+def clean_pg(pg_url):
+    """The session database, emptied of rows (schema kept) before the test."""
+    import sqlalchemy as sa
+
+    eng = sa.create_engine(pg_url)
+    with eng.begin() as conn:
+        conn.execute(sa.text("TRUNCATE batch_items, batches, profiles, curve_points, calibration_runs, documents, "
+                             "models, predictors RESTART IDENTITY CASCADE"))
+    eng.dispose()
+    return pg_url
+
+
+# ---------------------------------------------------------------------------------------------------- Redis
+@contextmanager
+def redis_db(db: int):
+    """URL of Redis DB number ``db`` (``KVCALIB_TEST_REDIS``), flushed before and after; fails the test when Redis
+    is down."""
+    import redis
+
+    url = f"{REDIS_BASE}/{db}"
+    client = redis.Redis.from_url(url, socket_connect_timeout=2)
+    try:
+        client.ping()
+    except Exception as exc:  # noqa: BLE001
+        pytest.fail(f"Redis is not reachable (start it: .ci/services.sh) at {url}: {exc}")
+    client.flushdb()
+    try:
+        yield url
+    finally:
+        client.flushdb()
+        client.close()
+
+
+@pytest.fixture(scope="session")
+def redis_url():
+    with redis_db(REDIS_DB) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def queue_name():
+    return f"kvcalib-test-{secrets.token_hex(3)}"
+
+
+def service_env(db_url: str, broker_url: str | None, queue: str, **extra) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KVCALIB_")}
+    for k in ("KVCALIB_CACHE_DIR", "KVCALIB_ESSAYS"):
+        if k in os.environ:
+            env[k] = os.environ[k]
+    env.update({"KVCALIB_DATABASE_URL": db_url, "KVCALIB_QUEUE": queue, "KVCALIB_GPU_QUEUE": queue + "-gpu",
+                "KVCALIB_JOB_RETRY_BACKOFF": "0.5", "KVCALIB_TORCH_THREADS": "1", "OMP_NUM_THREADS": "1",
+                "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+                "PYTHONUNBUFFERED": "1"})
+    if broker_url:
+        env["KVCALIB_BROKER_URL"] = broker_url
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+# ---------------------------------------------------------------------------------------------------- workers
+class WorkerProcess:
+    """A real ``celery -A kvcalib.worker.app worker --pool=solo -c 1`` subprocess."""
+
+    def __init__(self, env: dict[str, str], log: Path, name: str):
+        self.log = log
+        self.fh = open(log, "wb")
+        cmd = [sys.executable, "-m", "celery", "-A", "kvcalib.worker.app", "worker", "--pool=solo", "-c", "1",
+               "-Q", env["KVCALIB_QUEUE"], "--without-gossip", "--without-mingle", "--without-heartbeat",
+               "-n", f"{name}@%h", "--loglevel=INFO"]
+        self.proc = subprocess.Popen(cmd, env=env, stdout=self.fh, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_ready(self, timeout: float = 90.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"celery worker exited with {self.proc.returncode}:\n{self.output()[-3000:]}")
+            if " ready." in self.output():
+                return
+            time.sleep(0.2)
+        raise TimeoutError(f"celery worker not ready after {timeout}s:\n{self.output()[-3000:]}")
+
+    def kill(self) -> None:
+        """SIGKILL: no warm shutdown, no ack, no message restore — a crashed machine."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self.fh.close()
+
+
+class WorkerPool:
+    """Starts workers (in parallel when asked for several) and stops every one of them at the end."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.started: list[WorkerProcess] = []
+
+    def start(self, env: dict[str, str], *names: str) -> list[WorkerProcess]:
+        new = [WorkerProcess(env, self.folder / f"{n}-{len(self.started) + i}.log", n) for i, n in enumerate(names)]
+        self.started += new
+        for w in new:
+            w.wait_ready()
+        return new
+
+    def stop_all(self) -> None:
+        for w in self.started:
+            w.stop()
+
+
+@pytest.fixture(scope="module")
+def worker_pool(tmp_path_factory):
+    pool = WorkerPool(tmp_path_factory.mktemp("workers"))
+    yield pool
+    pool.stop_all()
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.25, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
