@@ -2,14 +2,16 @@
 
 Start-up happens in ``create_app`` itself (not in a lifespan hook) so that the app refuses to exist when the
 database schema is not at the Alembic head — the embedded SQLite default is upgraded first (``auto_migrate``) — and
-so that in-process ASGI clients get a ready app. Routers are thin: they parse, call ``calib.store.service.Service``
-and serialise; error codes come from the exception types (``calib.store.errors``).
+so that in-process ASGI clients get a ready app. Routers are thin: they parse, call ``kvcalib.service.Service``
+and map its typed views onto the response models (``convert``); error codes come from the exception types
+(``kvcalib.service.errors``).
 """
 
 from __future__ import annotations
 
 import logging
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -19,6 +21,9 @@ from kvcalib.api.metrics import BodyLimitMiddleware, Metrics, MetricsMiddleware
 from kvcalib.calib.errors import KvcalibError
 from kvcalib.service.errors import UnavailableError
 from kvcalib.settings import Settings, get_settings
+
+if TYPE_CHECKING:
+    from kvcalib.service import Dispatcher, EngineLoader
 
 log = logging.getLogger("kvcalib.api")
 
@@ -38,17 +43,17 @@ database) is down.
 """
 
 
-def create_app(settings: Settings | None = None, *, dispatcher=None, load_engine=None,
-               resume: bool = True) -> FastAPI:
+def create_app(settings: Settings | None = None, *, dispatcher: Dispatcher | None = None,
+               load_engine: EngineLoader | None = None, resume: bool = True) -> FastAPI:
+    from kvcalib.service import Service
     from kvcalib.service.db import prepare
-    from kvcalib.service.core import Service
 
     s = settings or get_settings()
     db = prepare(s.db_url, s.migrate_on_start)
     if dispatcher is None:
         if s.embedded:
-            from kvcalib.service.runtime import get_engine
             from kvcalib.service.jobs import InProcessDispatcher
+            from kvcalib.service.runtime import get_engine
 
             loader = load_engine or (lambda name: get_engine(name, s.worker_device))
             dispatcher = InProcessDispatcher(db, loader, workers=s.inprocess_workers,
@@ -58,7 +63,7 @@ def create_app(settings: Settings | None = None, *, dispatcher=None, load_engine
 
             dispatcher = CeleryDispatcher(s)
     service = Service(db, s, dispatcher, load_engine)
-    if s.embedded and resume and getattr(dispatcher, "kind", "") == "in-process":
+    if s.embedded and resume and dispatcher.kind == "in-process":
         n = service.resume_unfinished()
         if n:
             log.info("resumed %d unfinished job(s)", n)

@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from kvcalib.service.core import Service
+from kvcalib.service import Service
 
 bearer = HTTPBearer(auto_error=False, description="Needed by write endpoints when KVCALIB_API_TOKEN is set.")
 

@@ -8,12 +8,11 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, Path, Query, Request, UploadFile
 from fastapi.responses import JSONResponse
 
-from kvcalib.api.convert import batch_out, params_of
+from kvcalib.api.convert import batch_out, document_input, params_of
 from kvcalib.api.deps import ServiceDep, WriteAccess
 from kvcalib.api.schemas import (MAX_ID, AllocatorName, BatchOut, BatchRequest, CalibrationOptions, ErrorOut,
                                  MethodName, ModelName)
-from kvcalib.service.errors import ServiceInputError
-from kvcalib.service.core import DocumentInput, decode_utf8, parse_jsonl
+from kvcalib.service import BatchView, ServiceInputError, decode_utf8, parse_jsonl
 
 router = APIRouter(tags=["batches"])
 BatchId = Annotated[int, Path(ge=1, le=MAX_ID)]
@@ -21,7 +20,7 @@ ERRORS = {401: {"model": ErrorOut}, 404: {"model": ErrorOut}, 413: {"model": Err
           503: {"model": ErrorOut}}
 
 
-def _respond(request: Request, view: dict) -> JSONResponse:
+def _respond(request: Request, view: BatchView) -> JSONResponse:
     out = batch_out(request, view)
     return JSONResponse(out.model_dump(mode="json"), status_code=202, headers={"Location": out.url})
 
@@ -29,9 +28,7 @@ def _respond(request: Request, view: dict) -> JSONResponse:
 @router.post("/batches", status_code=202, response_model=BatchOut, dependencies=[WriteAccess], responses=ERRORS,
              summary="Calibrate a list of documents (JSON)")
 def create_batch(body: BatchRequest, request: Request, service: ServiceDep) -> JSONResponse:
-    docs = [DocumentInput(text=d) if isinstance(d, str) else
-            DocumentInput(text=d.text, document_id=d.document_id, document_hash=d.document_hash, source=d.source)
-            for d in body.documents]
+    docs = [document_input(d) for d in body.documents]
     return _respond(request, service.submit_batch(docs, params_of(service, body)))
 
 

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
-from kvcalib.api.convert import document_input, params_of
+from kvcalib.api.convert import budget_out, document_input, params_of
 from kvcalib.api.deps import ServiceDep, WriteAccess
 from kvcalib.api.schemas import AllocatorName, BudgetOut, BudgetRequest, ErrorOut, MethodName, ModelName
 
@@ -26,9 +26,9 @@ def get_budget(
     allocator: Annotated[AllocatorName | None, Query(description="Only profiles of this allocator.")] = None,
 ) -> BudgetOut:
     s = service.settings
-    return BudgetOut(**service.stored_budget(document_hash, model or s.default_model,
-                                             s.default_tolerance if tolerance is None else tolerance,
-                                             method, allocator))
+    return budget_out(service.stored_budget(document_hash, model or s.default_model,
+                                            s.default_tolerance if tolerance is None else tolerance,
+                                            method, allocator))
 
 
 @router.post("/budget", response_model=BudgetOut, dependencies=[WriteAccess],
@@ -38,4 +38,4 @@ def get_budget(
 def post_budget(body: BudgetRequest, service: ServiceDep) -> BudgetOut:
     view = service.predicted_budget(document_input(body), params_of(service, body), persist=False,
                                     prefer_profile=True)
-    return BudgetOut(**{k: v for k, v in view.items() if k in BudgetOut.model_fields})
+    return budget_out(view)

@@ -5,9 +5,10 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
-from kvcalib.api.convert import document_input, job_out, params_of
+from kvcalib.api.convert import document_input, job_out, params_of, predict_out
 from kvcalib.api.deps import ServiceDep, WriteAccess
-from kvcalib.api.schemas import CalibrateRequest, ErrorOut, JobOut, PredictOut
+from kvcalib.api.schemas import CalibrateRequest, ErrorOut, JobOut
+from kvcalib.service import ServiceInputError
 
 router = APIRouter(tags=["calibration"])
 
@@ -20,7 +21,8 @@ ERRORS = {401: {"model": ErrorOut}, 404: {"model": ErrorOut}, 413: {"model": Err
     summary="Calibrate a document: predict, full (async) or compress",
     responses={
         200: {"description": "predict: the predicted budget (with features); full: the job, already finished; "
-                             "compress: the compressed KV cache (safetensors, `kvcalib.calib.cache.export.load_compressed`)",
+                             "compress: the compressed KV cache (safetensors, "
+                             "`kvcalib.calib.cache.export.load_compressed`)",
               "content": {"application/json": {"schema": {"anyOf": [
                   {"$ref": "#/components/schemas/PredictOut"}, {"$ref": "#/components/schemas/JobOut"}]}},
                           "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
@@ -33,8 +35,6 @@ def calibrate(body: CalibrateRequest, request: Request, service: ServiceDep) -> 
     p = params_of(service, body)
     if body.mode == "full":
         if body.ratio is not None:
-            from kvcalib.service.errors import ServiceInputError
-
             raise ServiceInputError("`ratio` applies to mode=compress only")
         view, done = service.submit(doc, p)
         job = job_out(request, view)
@@ -42,10 +42,10 @@ def calibrate(body: CalibrateRequest, request: Request, service: ServiceDep) -> 
                             headers={"Location": job.url})
     if body.mode == "predict":
         view = service.predicted_budget(doc, p, persist=True, prefer_profile=False)
-        return JSONResponse(PredictOut(**view).model_dump(mode="json"))
-    data, meta = service.compress(doc, p, body.ratio)
-    headers = {"Content-Disposition": f'attachment; filename="kvcache-{meta["document_hash"][:12]}.safetensors"',
-               "X-Kvcalib-Ratio": meta["ratio"], "X-Kvcalib-Budget-Source": meta["budget_source"],
-               "X-Kvcalib-Document-Hash": meta["document_hash"], "X-Kvcalib-Context-Tokens":
-               str(meta["context_tokens"])}
-    return Response(content=data, media_type="application/octet-stream", headers=headers)
+        return JSONResponse(predict_out(view).model_dump(mode="json"))
+    out = service.compress(doc, p, body.ratio)
+    meta = out.info
+    headers = {"Content-Disposition": f'attachment; filename="kvcache-{meta.document_hash[:12]}.safetensors"',
+               "X-Kvcalib-Ratio": f"{meta.ratio:.6f}", "X-Kvcalib-Budget-Source": meta.budget_source,
+               "X-Kvcalib-Document-Hash": meta.document_hash, "X-Kvcalib-Context-Tokens": str(out.context_tokens)}
+    return Response(content=out.data, media_type="application/octet-stream", headers=headers)

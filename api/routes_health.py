@@ -6,6 +6,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from kvcalib import __version__
+from kvcalib.api.convert import readiness_out
 from kvcalib.api.deps import ServiceDep
 from kvcalib.api.schemas import Health, Readiness
 
@@ -21,8 +22,7 @@ async def healthz() -> Health:
             responses={503: {"model": Readiness}})
 def readyz(service: ServiceDep) -> Response:
     r = service.readiness()
-    body = Readiness(**r, execution=service.dispatcher.kind if service.dispatcher else "none")
-    return JSONResponse(body.model_dump(), status_code=200 if r["ready"] else 503)
+    return JSONResponse(readiness_out(r).model_dump(), status_code=200 if r.ready else 503)
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response,

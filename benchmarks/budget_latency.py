@@ -44,13 +44,14 @@ def seed(db_url: str, n_profiles: int, n_layers: int = 30, n_heads: int = 3) -> 
     hashes = []
     rng = random.Random(0)
     with db.session() as s:
-        model = repo.get_or_create_model(s, "smollm2-135m", "benchmark")
+        model = repo.get_or_create_model(s, name="smollm2-135m", revision="benchmark")
         for i in range(n_profiles):
             text = f"benchmark document {i}: " + " ".join(rng.choice("abcdefgh") * 3 for _ in range(40))
             h = content_hash(text)
-            doc = repo.get_or_create_document(s, text, h, "benchmark", 200)
-            run, _ = repo.get_or_create_run(s, doc, model, {"tolerance": 0.95}, f"bench{i:06d}", "compactor",
-                                            "uniform", 0.95)
+            doc = repo.get_or_create_document(s, text=text, content_hash=h, source="benchmark", token_count=200)
+            run, _ = repo.get_or_create_run(s, document=doc, model=model, params={"tolerance": 0.95},
+                                            params_hash=f"bench{i:06d}", method="compactor", allocator="uniform",
+                                            tolerance=0.95)
             r = rng.choice([0.3, 0.5, 0.7])
             per_head = int(200 * (1 - r))
             result = SimpleNamespace(ratios=[0.3, 0.5, 0.7], fidelity=[0.99, 0.97, 0.9], kl=[0.01, 0.03, 0.1],
@@ -58,8 +59,8 @@ def seed(db_url: str, n_profiles: int, n_layers: int = 30, n_heads: int = 3) -> 
                                      layer_budgets=[per_head * n_heads] * n_layers,
                                      head_budgets=[[per_head] * n_heads] * n_layers, features={"nll": 2.0},
                                      seconds=1.0)
-            repo.save_result(s, run, result, per_head)
-            repo.set_run(s, run.id, status=RunStatus.succeeded.value, progress=1.0)
+            repo.save_result(s, run=run, result=result, token_budget=per_head)
+            repo.set_run(s, run_id=run.id, status=RunStatus.succeeded.value, progress=1.0)
             hashes.append(h)
     db.dispose()
     return hashes

@@ -144,8 +144,14 @@ def calibrate_corpus(args, labels: Path) -> None:
 
 
 def summarise(rows: list[dict], alpha: float, splits: int, seed: int, out_dir: Path) -> dict:
-    from kvcalib.calib.data.corpus import evaluate_predictors, plot_evaluation, split_labels
-    from kvcalib.calib.predictors import default_feature_names, fit_predictors, save_predictors
+    from kvcalib.calib.data.corpus import split_labels
+    from kvcalib.calib.predictors import (
+        default_feature_names,
+        evaluate_predictors,
+        fit_predictors,
+        plot_evaluation,
+        save_predictors,
+    )
 
     y = np.array([r["r_star"] for r in rows])
     summary = {"n_docs": len(rows), "alpha": alpha,

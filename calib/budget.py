@@ -5,15 +5,20 @@ L·Hkv·⌈(1 − r)·N⌉ entries; a budget may also be an absolute token count
 total is spread:
 
 * ``uniform`` — every (layer, head) keeps the same count (its top-scoring positions);
-* ``adakv`` — AdaKV (Feng et al. 2024) head-adaptive: per layer, every head keeps its top ⌊α·B/H⌋ positions
-  (the floor, α = 0.2 of the even share), then the layer's remaining budget goes to the global top of all its
-  heads' other entries; each layer keeps exactly H·B/H = H·per_head entries;
-* ``lava`` — LAVa (Shen et al. 2025) layer- and head-adaptive: layer budgets ∝ the normalised entropy of the
-  layer's scores (see ``lava_layer_budgets``), then ``adakv`` selection inside each layer with the same floor;
+* ``adakv`` — AdaKV (Feng et al. 2024) head-adaptive: per layer, the protected (+inf) entries are kept, every head
+  keeps its top ⌊α·C_l/H⌋ *context* (non-protected) positions (the floor, α = 0.2 of the even context share,
+  C_l = H·per_head − protected_l: the window is on top of the floor, as in the AdaKV and LAVa reference codes), then
+  the rest of the layer's budget goes to the global top of all its heads' other entries; each layer keeps exactly
+  H·per_head entries;
+* ``lava`` — LAVa (Shen et al. 2025) layer- and head-adaptive: the *context* budget (the total less the protected
+  entries) is split across layers ∝ the normalised entropy of the layer's scores and each layer's protected entries
+  are added on top (see ``lava_layer_budgets``), then ``adakv`` selection inside each layer with the floor
+  ⌊α·C/(L·H)⌋ of the even context share;
 * ``counts`` — the ragged interface: an explicit (L, Hkv) count per (layer, head), see ``select_topk``.
 
 Protected entries (score +inf) sort first everywhere, so they are kept as long as a head's / layer's allocation
-covers them (the ``lava`` layer floors are raised to make sure it does, whenever the total budget allows).
+covers them; when they alone exceed a layer's budget they compete for it (ties: lower head, then lower position)
+and the floor is 0.
 
 Allocators are registered in ``ALLOCATORS``; each takes (scores, total) and returns a boolean keep mask whose
 per-head sums are the allocation.
@@ -21,6 +26,7 @@ per-head sums are the allocation.
 
 from __future__ import annotations
 
+from kvcalib.calib.defaults import ALLOCATOR
 from kvcalib.calib.errors import KvcalibError
 
 import math
@@ -72,17 +78,31 @@ def uniform(scores: torch.Tensor, per_head: int, **_) -> torch.Tensor:
 
 
 def head_floor(per_head: int, alpha: float, n: int) -> int:
-    """AdaKV's per-head floor: ⌊α · per_head⌋ positions, at most ``n``."""
+    """AdaKV's per-head floor: ⌊α · per_head⌋ positions, at most ``n`` (``per_head`` = the context share)."""
     return max(0, min(n, int(math.floor(alpha * per_head + 1e-9))))
 
 
+def context_floor(budget: int, protected: int, heads: int, alpha: float, n: int) -> int:
+    """The AdaKV floor of one layer: ⌊α · (budget − protected) / heads⌋ context entries per head (0 when the
+    protected entries alone fill the budget). With a w-token window per head and budget H·B this is ⌊α·(B − w)⌋."""
+    return head_floor(max(0, budget - protected) / max(heads, 1), alpha, n)
+
+
 def layer_topk(scores: torch.Tensor, budget: int, floor: int) -> torch.Tensor:
-    """AdaKV selection in one layer. scores (H, N) -> bool mask (H, N) with exactly ``budget`` entries: every
-    head's top ``floor`` positions, then the top of all remaining entries (ties: lower head, then lower position)."""
+    """AdaKV selection in one layer. scores (H, N) -> bool mask (H, N) with exactly ``budget`` entries: the protected
+    (+inf) entries, every head's top ``floor`` non-protected positions, then the top of all remaining entries (ties:
+    lower head, then lower position). If the protected entries alone exceed ``budget``, the floor is 0 and the
+    protected entries compete for the budget in that order."""
     h, n = scores.shape
     budget = max(0, min(budget, h * n))
-    floor = min(floor, n, budget // max(h, 1))
-    in_floor = select_topk(scores.unsqueeze(0), torch.full((1, h), floor, dtype=torch.long))[0].reshape(-1)
+    prot = torch.isposinf(scores)  # (H, N)
+    n_prot = prot.sum(-1)  # (H,)
+    if int(n_prot.sum()) >= budget:
+        counts = torch.zeros_like(n_prot)  # protected entries compete for the budget
+    else:
+        floor = max(0, min(floor, (budget - int(n_prot.sum())) // max(h, 1)))
+        counts = (n_prot + floor).clamp_max(n)  # protected entries rank first within their head
+    in_floor = select_topk(scores.unsqueeze(0), counts.unsqueeze(0))[0].reshape(-1)
     flat = scores.reshape(-1)
     order = torch.argsort(flat, descending=True, stable=True)
     order = order[torch.argsort((~in_floor[order]).to(torch.int8), stable=True)]  # floor entries first
@@ -92,10 +112,11 @@ def layer_topk(scores: torch.Tensor, budget: int, floor: int) -> torch.Tensor:
 
 
 def adakv(scores: torch.Tensor, per_head: int, alpha: float = 0.2, **_) -> torch.Tensor:
-    """AdaKV: every layer keeps H·per_head entries, spread over its heads by score with a floor per head."""
+    """AdaKV: every layer keeps H·per_head entries, spread over its heads by score with a context floor per head."""
     n_layers, h, n = scores.shape
-    f = head_floor(per_head, alpha, n)
-    return torch.stack([layer_topk(scores[l], h * per_head, f) for l in range(n_layers)])
+    prot = torch.isposinf(scores).sum((1, 2))  # (L,)
+    return torch.stack([layer_topk(scores[l], h * per_head, context_floor(h * per_head, int(prot[l]), h, alpha, n))
+                        for l in range(n_layers)])
 
 
 def adakv_masks(scores: torch.Tensor, per_heads: list[int], alpha: float = 0.2) -> torch.Tensor:
@@ -107,13 +128,20 @@ def adakv_masks(scores: torch.Tensor, per_heads: list[int], alpha: float = 0.2) 
     head_rank.scatter_(-1, order, torch.arange(n, device=scores.device).expand_as(order))
     flat_order = torch.argsort(scores.reshape(n_layers, h * n), dim=-1, descending=True, stable=True)  # (L, H·N)
     rank_sorted = head_rank.reshape(n_layers, h * n).gather(1, flat_order)  # head rank, in layer order
+    n_prot = torch.isposinf(scores).sum(-1)  # (L, H)
+    prot_sorted = n_prot.repeat_interleave(n, dim=1).gather(1, flat_order)  # (L, H·N) protected count of the head
+    layer_prot = n_prot.sum(-1)  # (L,)
     rows = []
     for per_head in per_heads:
         budget = max(0, min(h * int(per_head), h * n))
-        floor = min(head_floor(int(per_head), alpha, n), n, budget // max(h, 1))
-        in_floor = rank_sorted < floor  # (L, H·N): every head's top ``floor`` entries
+        floors = torch.tensor([0 if int(p) >= budget else
+                               min(context_floor(budget, int(p), h, alpha, n), (budget - int(p)) // max(h, 1))
+                               for p in layer_prot], dtype=torch.long, device=scores.device)  # (L,)
+        in_floor = rank_sorted < (prot_sorted + floors[:, None]).clamp_max(n)  # protected + every head's floor
+        in_floor &= (layer_prot < budget)[:, None]  # protected entries alone over budget: they compete
         rest = ~in_floor
-        take = in_floor | (rest & (rest.cumsum(1) <= budget - h * floor))  # then the layer's best remaining
+        need = budget - in_floor.sum(1, keepdim=True)  # (L, 1)
+        take = in_floor | (rest & (rest.cumsum(1) <= need))  # then the layer's best remaining
         keep = torch.zeros_like(take)
         keep.scatter_(1, flat_order, take)
         rows.append(keep.view(n_layers, h, n))
@@ -180,28 +208,41 @@ def apportion(weights: torch.Tensor, total: int, lo: torch.Tensor, hi: torch.Ten
     return out
 
 
+def lava_floor(scores: torch.Tensor, per_head: int, alpha: float = 0.2) -> int:
+    """LAVa's per-head floor: ⌊α · C / (L·H)⌋ context entries, C = L·H·per_head − (protected entries), i.e. α of
+    the even context share (⌊α·(B − w)⌋ with a w-token window per head)."""
+    n_layers, h, n = scores.shape
+    context = n_layers * h * per_head - int(torch.isposinf(scores).sum())
+    return head_floor(max(0, context) / (n_layers * h), alpha, n)
+
+
 def lava_layer_budgets(scores: torch.Tensor, per_head: int, alpha: float = 0.2) -> torch.Tensor:
-    """LAVa layer budgets (L,): B_l = e_l / Σ e · B, B = L·H·per_head, e_l = ``normalised_entropy`` of layer l;
-    integers summing to B exactly, each within [floor_l, H·N]. floor_l = Σ_h max(⌊α·per_head⌋, protected_{l,h})
-    so that every head's floor and every protected entry fit; if the protected entries alone exceed B, the floors
-    fall back to H·⌊α·per_head⌋ and protected entries compete for the layer budget (highest scores first)."""
+    """LAVa layer budgets (L,): B_l = P_l + C_l, where P_l is the number of protected entries of layer l (the window
+    is kept on top, as in the reference) and the context budget C = L·H·per_head − Σ P_l is split across layers by
+    C_l = e_l / Σ e · C, e_l = ``normalised_entropy`` of layer l. Integers summing to L·H·per_head exactly; C_l lies
+    within [Σ_h min(f, N − p_{l,h}), H·N − P_l] so every head's floor f = ``lava_floor`` fits. If the protected
+    entries alone exceed the total, the whole total is split by entropy and they compete (highest scores first)."""
     n_layers, h, n = scores.shape
     total = n_layers * h * per_head
-    f = head_floor(per_head, alpha, n)
     ent = torch.tensor([normalised_entropy(scores[l]) for l in range(n_layers)], dtype=torch.float64)
     prot = torch.isposinf(scores).sum(-1)  # (L, H)
-    lo = prot.clamp_min(f).clamp_max(n).sum(-1)  # (L,)
-    if int(lo.sum()) > total:
-        lo = torch.full((n_layers,), h * f, dtype=torch.long)
-    hi = torch.full((n_layers,), h * n, dtype=torch.long)
-    return apportion(ent, total, lo, hi)
+    p_l = prot.sum(-1)  # (L,)
+    context = total - int(p_l.sum())
+    if context < 0:
+        return apportion(ent, total, torch.zeros(n_layers, dtype=torch.long),
+                         torch.full((n_layers,), h * n, dtype=torch.long))
+    f = lava_floor(scores, per_head, alpha)
+    lo = (prot + f).clamp_max(n).sum(-1) - p_l  # (L,) every head's context floor
+    hi = h * n - p_l
+    return p_l + apportion(ent, context, lo, hi)
 
 
 def lava(scores: torch.Tensor, per_head: int, alpha: float = 0.2, **_) -> torch.Tensor:
-    """LAVa: entropy-proportional layer budgets, AdaKV selection (same floor ⌊α·per_head⌋) inside each layer."""
-    n_layers, h, n = scores.shape
+    """LAVa: entropy-proportional layer context budgets (window on top), AdaKV selection inside each layer with
+    the floor ``lava_floor``."""
+    n_layers = scores.shape[0]
     budgets = lava_layer_budgets(scores, per_head, alpha)
-    f = head_floor(per_head, alpha, n)
+    f = lava_floor(scores, per_head, alpha)
     return torch.stack([layer_topk(scores[l], int(budgets[l]), f) for l in range(n_layers)])
 
 
@@ -218,7 +259,7 @@ def check_allocator(name: str) -> None:
         raise BudgetError(f"unknown allocator {name!r}: expected one of {available_allocators()}")
 
 
-def allocate(scores: torch.Tensor, budget: Budget, allocator: str = "uniform", **params) -> torch.Tensor:
+def allocate(scores: torch.Tensor, budget: Budget, allocator: str = ALLOCATOR, **params) -> torch.Tensor:
     """Keep mask (L, Hkv, N) holding L·Hkv·budget.per_head(N) entries in total, spread by ``allocator``."""
     check_allocator(allocator)
     return ALLOCATORS[allocator](scores, budget.per_head(scores.shape[-1]), **params)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kvcalib.calib.lm.hooks import install_capture_hooks, recording
 from kvcalib.calib.lm.registry import LoadedModel
 
 
@@ -63,14 +64,17 @@ class Capture:
 
 
 class PrefillRecorder:
-    """The ``kvcalib_state`` given to the attention path during a capture (see ``calib.attention``)."""
+    """The per-call state of one capture: the ``kvcalib_state`` given to the attention path (see
+    ``calib.lm.attention``), and the recorder the model's permanent key-source hooks write into while the capture's
+    forward runs (see ``calib.lm.hooks``). Nothing of a capture is stored on the shared model."""
 
-    def __init__(self, n_layers: int, query_tail: int | None):
+    def __init__(self, n_layers: int, query_tail: int | None, head_dim: int):
         self.keys: list[torch.Tensor | None] = [None] * n_layers
         self.values: list[torch.Tensor | None] = [None] * n_layers
         self.queries: list[torch.Tensor | None] = [None] * n_layers
         self.keys_pre: list[torch.Tensor | None] = [None] * n_layers
         self.query_tail = query_tail
+        self.head_dim = head_dim
 
     def record(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         # q (1, Hq, N, d), k/v (1, Hkv, N, d)
@@ -78,9 +82,10 @@ class PrefillRecorder:
         self.values[layer_idx] = v[0]
         self.queries[layer_idx] = q[0] if self.query_tail is None else q[0, :, -self.query_tail:]
 
-
-def _key_source(attn: torch.nn.Module) -> torch.nn.Module:
-    return attn.k_norm if hasattr(attn, "k_norm") else attn.k_proj
+    def record_key_source(self, layer_idx: int, out: torch.Tensor) -> None:
+        # out (1, N, Hkv·d) from k_proj, or (1, N, Hkv, d) from k_norm
+        b, n = out.shape[0], out.shape[1]
+        self.keys_pre[layer_idx] = out.view(b, n, -1, self.head_dim)[0].transpose(0, 1)  # (Hkv, N, d)
 
 
 @torch.no_grad()
@@ -97,20 +102,16 @@ def prefill(
     device = next(model.parameters()).device
     ids = input_ids.to(device).view(1, -1)  # (1, N)
     n = ids.shape[1]
-    rec = PrefillRecorder(spec.num_layers, query_tail)
-    hooks = []
+    rec = PrefillRecorder(spec.num_layers, query_tail, spec.head_dim)
+    install_capture_hooks(model)  # once per model (load_model already did); a no-op afterwards
     decoder = model.get_decoder()
-    for i, layer in enumerate(decoder.layers):
-        def hook(_mod, _inp, out, i=i):
-            rec.keys_pre[i] = out.view(1, n, -1, spec.head_dim)[0].transpose(0, 1)  # (Hkv, N, d)
-        hooks.append(_key_source(layer.self_attn).register_forward_hook(hook))
     t0 = time.perf_counter()
-    try:
+    with recording(rec):  # this call's hooks target, visible to this thread's forward only
         out = decoder(input_ids=ids, position_ids=torch.arange(n, device=device)[None], use_cache=False,
                       kvcalib_state=rec)
-    finally:
-        for h in hooks:
-            h.remove()
+    if any(k is None for k in rec.keys_pre):
+        raise RuntimeError("the capture hooks recorded no pre-RoPE keys: the model's layers were replaced after "
+                           "loading")
     hidden = out.last_hidden_state[0]  # (N, hidden)
     head = model.get_output_embeddings()
     last_logits = head(hidden[-1:]).float()[0]  # (vocab,)

@@ -1,25 +1,29 @@
 """The pipeline in one place: document → prefill capture → scores → budget allocation → compressed cache → answer.
 
 >>> eng = Engine.load("smollm2-135m")
->>> res = eng.run(context, question, method="compactor", budget=Budget(ratio=0.5))
+>>> res = eng.run(context, question, method="compactor", budget=Budget(ratio=0.5))   # allocator: adakv
 >>> res.answer, res.cache_report["bytes_held"]
+
+Defaults (model, method, allocator) come from ``calib.defaults``.
 """
 
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from kvcalib.calib import budget as budgets
+from kvcalib.calib import defaults
 from kvcalib.calib.budget import Budget
+from kvcalib.calib.cache.decode import DecodePolicy, Generation, greedy_decode
 from kvcalib.calib.cache.ragged import RaggedKVCache
 from kvcalib.calib.capture import Capture, prefill
 from kvcalib.calib.data.documents import Prompt, build_prompt
-from kvcalib.calib.cache.decode import DecodePolicy, greedy_decode
-from kvcalib.calib.lm.registry import DEFAULT_MODEL, LoadedModel, load_model
+from kvcalib.calib.lm.protocols import LanguageModel, Tokenizer
+from kvcalib.calib.lm.registry import load_model
 from kvcalib.calib.scorers import ScoreContext, Scorer, get_scorer
 
 
@@ -50,21 +54,24 @@ class RunResult:
 
 
 class Engine:
-    def __init__(self, lm: LoadedModel):
+    """One loaded model and the pipeline's stages as methods (``run`` chains them); satisfies
+    ``calib.calibration.protocols.CalibrationEngine``."""
+
+    def __init__(self, lm: LanguageModel):
         self.lm = lm
 
     @classmethod
-    def load(cls, model: str = DEFAULT_MODEL, device: str = "cpu", cache_dir: Path | None = None) -> "Engine":
+    def load(cls, model: str = defaults.MODEL, device: str = "cpu", cache_dir: Path | None = None) -> Engine:
         return cls(load_model(model, device=device, cache_dir=cache_dir))
 
     @property
-    def tokenizer(self):
+    def tokenizer(self) -> Tokenizer:
         return self.lm.tokenizer
 
     @property
     def eos_ids(self) -> set[int]:
         ids = {self.tokenizer.eos_token_id}
-        gen = getattr(self.lm.model, "generation_config", None)
+        gen = self.lm.model.generation_config
         if gen is not None and gen.eos_token_id is not None:
             ids |= set(gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id])
         return {i for i in ids if i is not None}
@@ -82,19 +89,21 @@ class Engine:
     def scorer(method: str | Scorer, **params) -> Scorer:
         return method if isinstance(method, Scorer) else get_scorer(method, **params)
 
-    def keep_mask(self, cap: Capture, scores: torch.Tensor, budget: Budget, allocator: str = "uniform",
+    def keep_mask(self, cap: Capture, scores: torch.Tensor, budget: Budget, allocator: str = defaults.ALLOCATOR,
                   **alloc_params) -> torch.Tensor:
+        """(L, Hkv, N) keep mask of ``scores`` (L, Hkv, N) under ``budget``, spread by ``allocator``."""
         return budgets.allocate(scores, budget, allocator, **alloc_params)
 
     def answer(self, cache: RaggedKVCache, question_ids: torch.Tensor, max_new_tokens: int = 32,
-               policy: DecodePolicy | None = None):
+               policy: DecodePolicy | None = None) -> tuple[str, Generation]:
         gen = greedy_decode(self.lm.model, cache, question_ids, max_new_tokens, self.eos_ids, policy)
         text = self.tokenizer.decode(gen.token_ids, skip_special_tokens=True).strip()
         return text, gen
 
-    def run(self, context: str, question: str, method: str | Scorer = "compactor", budget: Budget | None = None,
-            allocator: str = "uniform", max_new_tokens: int = 32, method_params: dict | None = None,
+    def run(self, context: str, question: str, method: str | Scorer = defaults.METHOD, budget: Budget | None = None,
+            allocator: str = defaults.ALLOCATOR, max_new_tokens: int = 32, method_params: dict | None = None,
             policy: DecodePolicy | None = None) -> RunResult:
+        """Prefill ``context``, score it with ``method``, keep ``budget`` by ``allocator``, answer ``question``."""
         budget = budget or Budget(ratio=0.0)
         scorer = self.scorer(method, **(method_params or {}))
         budgets.check_allocator(allocator)  # fail before the prefill, not after

@@ -1,3 +1,8 @@
 """kvcalib — training-free calibration of KV-cache compression per context."""
 
-__version__ = "0.1.0"
+from importlib import metadata
+
+try:
+    __version__ = metadata.version("kvcalib")  # the installed distribution's version (pyproject's `version`)
+except metadata.PackageNotFoundError:  # a bare checkout on sys.path, not installed
+    __version__ = "0+unknown"

@@ -30,7 +30,7 @@ from typing import Any
 
 import httpx
 
-from kvcalib.calib.data.documents import content_hash
+from kvcalib.calib.data.hashing import content_hash
 
 __all__ = ["BudgetInfo", "KvcalibClient", "ServiceError", "TTLCache", "apply_budget", "content_hash",
            "to_dynamic_cache"]
@@ -60,7 +60,7 @@ class BudgetInfo:
     predictor_version: str | None = None
 
     @classmethod
-    def from_json(cls, d: dict) -> "BudgetInfo":
+    def from_json(cls, d: dict) -> BudgetInfo:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 

@@ -14,6 +14,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from kvcalib.calib import defaults
+
 
 def _default_cache_dir() -> Path:
     from kvcalib.calib.lm.registry import default_cache_dir
@@ -55,15 +57,32 @@ class Settings(BaseSettings):
     job_max_retries: int = Field(default=3, ge=0, description="Automatic retries of a job on transient errors.")
     job_retry_backoff: float = Field(default=2.0, ge=0, description="Base of the exponential retry backoff (s).")
     inprocess_workers: int = Field(default=1, ge=1, le=16, description="Threads running embedded jobs.")
+    job_lease_seconds: float = Field(
+        default=60.0, ge=1, description="Lease of a running job: renewed every third of it by the executing worker; a "
+                                        "job whose lease expired (dead worker) is dispatched again by the sweeper.")
+    job_dispatch_grace: float = Field(
+        default=60.0, ge=0, description="Seconds a queued job may go without its broker message (lost in a broker "
+                                        "restart) before the sweeper dispatches it again.")
+    job_sweep_interval: float = Field(
+        default=15.0, gt=0, description="Seconds between two sweeps for expired leases and lost messages (workers "
+                                        "and the API process sweep at start-up and then periodically).")
     torch_threads: int | None = Field(
         default=None, ge=1, description="torch intra-op threads of a worker / serve process (None = torch's default). "
                                         "1 avoids thrashing when several model processes share few cores.")
 
+    # ------------------------------------------------------------------ sweeps (kvcalib.sweep, docs/sweeps.md)
+    sweep_heartbeat: int = Field(default=10, ge=1, description="Seconds between the heartbeats of a running trial.")
+    sweep_grace: int | None = Field(
+        default=None, ge=2, description="Seconds without a heartbeat after which a running trial is failed and "
+                                        "retried (default max(60, 3 × sweep_heartbeat); must exceed the interval).")
+    sweep_capture_cache_mb: float = Field(
+        default=1024.0, ge=0, description="Per-process LRU cache of the sweep's prefill captures, in MiB.")
+
     # ------------------------------------------------------------------ calibration defaults
-    default_model: str = "smollm2-135m"
-    default_method: str = "compactor"
-    default_allocator: str = "adakv"
-    default_tolerance: float = Field(default=0.95, gt=0.0, le=1.0)
+    default_model: str = defaults.MODEL
+    default_method: str = defaults.METHOD
+    default_allocator: str = defaults.ALLOCATOR
+    default_tolerance: float = Field(default=defaults.TOLERANCE, gt=0.0, le=1.0)
     predictor_path: Path | None = Field(
         default=None, description="Folder of a trained predictor (calib.predictors). None = the newest predictor "
                                   "registered in the database, else the documented fallback.")
@@ -72,7 +91,8 @@ class Settings(BaseSettings):
     max_document_bytes: int = Field(default=1_000_000, ge=1, description="Larger documents get 413.")
     max_document_tokens: int = Field(
         default=8192, ge=16, description="Longer documents get 413 (also capped at the model's context length).")
-    max_batch_documents: int = Field(default=10_000, ge=1, description="Larger batches get 413.")
+    max_batch_documents: int = Field(default=1000, ge=1, description="Documents per batch request; larger "
+                                                                     "batches get 413 (split them).")
     max_request_bytes: int = Field(default=64 * 2**20, ge=1024,
                                    description="Requests declaring a larger body get 413 before it is read.")
     api_token: SecretStr | None = Field(

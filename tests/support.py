@@ -209,3 +209,25 @@ def wait_for(predicate, timeout: float, interval: float = 0.25, what: str = "con
             return last
         time.sleep(interval)
     raise TimeoutError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+def equal_length_documents(engine, n: int, tokens: int) -> list[str]:
+    """``n`` distinct documents cut from the essays whose cached context (chat header + document, as calibrated and
+    compressed) is exactly ``tokens`` tokens long: concurrent calls on them cannot differ by shape, only by data."""
+    from kvcalib.calib.calibration.calibrate import context_ids
+    from kvcalib.calib.data.documents import load_essays
+
+    tok = engine.tokenizer
+    head = int(engine.prompt("", "").context_ids.numel())
+    docs: list[str] = []
+    for essay in load_essays().values():
+        ids = tok(essay, add_special_tokens=False).input_ids
+        for start in range(0, len(ids) - tokens, 500):
+            for m in range(tokens - head - 6, tokens - head + 6):
+                doc = tok.decode(ids[start:start + m])
+                if doc.strip() and context_ids(engine, doc)[0].numel() == tokens:
+                    docs.append(doc)
+                    break
+            if len(docs) == n:
+                return docs
+    raise AssertionError(f"the essays gave only {len(docs)} documents of {tokens} context tokens")

@@ -1,13 +1,14 @@
 """Celery task of the sweep stage: ONE Optuna trial per task (ask → calibrate the study's corpus → tell).
 
 The task carries only the study name and a token: the corpus and the calibration settings are stored with the study
-(``calib.sweep.SweepSpec``), the parameters are asked from the study by the task itself (so the sampler sees every
-trial finished so far), and the storage is the worker's ``KVCALIB_DATABASE_URL`` — the same database the driver
-(``kvcalib sweep run``) and the dashboard use.
+(``kvcalib.sweep.spec.SweepSpec``), the parameters are asked from the study by the task itself (so the sampler sees
+every trial finished so far), and the storage is the worker's ``KVCALIB_DATABASE_URL`` — the same database the driver
+(``kvcalib sweep run``) and the dashboard use. The task itself is ``kvcalib.sweep.trial.run_trial``.
 
 Reliability: late acknowledgement and reject-on-worker-lost like the calibration task; while it runs the trial sends
-heartbeats, so when the worker dies the trial becomes stale and is retried (see ``calib.sweep``); the token makes
-a redelivered message a no-op once its trial finished.
+heartbeats (``KVCALIB_SWEEP_HEARTBEAT``/``KVCALIB_SWEEP_GRACE``, fields of the worker's settings), so when the worker
+dies the trial becomes stale and is retried (see ``kvcalib.sweep.storage``); the token makes a redelivered message a
+no-op once its trial finished.
 """
 
 from __future__ import annotations
@@ -36,16 +37,18 @@ def _load_engine(name: str):
 
 @signals.worker_process_init.connect
 def _forget_storages(**_):
-    from kvcalib.sweep import reset_storages
+    from kvcalib.sweep.storage import reset_storages
 
     reset_storages()  # never share a connection pool across fork
 
 
 @app.task(bind=True, name=TASK_SWEEP_TRIAL, acks_late=True, reject_on_worker_lost=True, max_retries=None)
 def sweep_trial(self, study_name: str, token: str) -> dict:
-    from kvcalib.sweep import make_storage, run_trial
+    from kvcalib.sweep.storage import make_storage
+    from kvcalib.sweep.trial import run_trial
 
-    storage = make_storage(_settings().db_url)
+    s = _settings()
+    storage = make_storage(s.db_url, settings=s)
     return run_trial(study_name, token, storage=storage, load_engine=_load_engine)
 
 
@@ -58,14 +61,17 @@ def run_with_broker(study_name: str, n_trials: int, *, settings=None, storage=No
     picks up the WAITING retry of a stale trial. Returns (completed, failed, still pending)."""
     from optuna.trial import TrialState
 
-    from kvcalib.sweep import SweepError, TOKEN_ATTR, _summary, load_study, make_storage, reap_stale
     from kvcalib.settings import get_settings
+    from kvcalib.sweep.errors import SweepError
+    from kvcalib.sweep.storage import make_storage
+    from kvcalib.sweep.studies import load_study, reap_stale
+    from kvcalib.sweep.trial import TOKEN_ATTR, trial_summary
     from kvcalib.worker.app import make_celery
 
     s = settings or get_settings()
     if not s.broker_url:
         raise SweepError("no broker configured (KVCALIB_BROKER_URL): run the sweep --in-process")
-    storage = storage or make_storage(s.db_url)
+    storage = storage or make_storage(s.db_url, settings=s)
     study = load_study(study_name, storage)
     app = make_celery(s)
     queue = queue or s.queue
@@ -107,8 +113,8 @@ def run_with_broker(study_name: str, n_trials: int, *, settings=None, storage=No
                 else:
                     continue
                 del pending[token]
-                out = _summary(t, token) if t is not None else {"status": "failed", "token": token,
-                                                                "error": _task_error(res)}
+                out = trial_summary(t, token) if t is not None else {"status": "failed", "token": token,
+                                                                     "error": _task_error(res)}
                 if t is not None and not ok:
                     out["error"] = t.user_attrs.get("error", "worker lost (stale heartbeat)")
                 if ok:

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import torch
 
 from kvcalib.calib.cache.ragged import RaggedKVCache
+from kvcalib.calib.lm.protocols import CausalLM
 
 
 class DecodePolicy(Protocol):
@@ -21,6 +22,20 @@ class DecodePolicy(Protocol):
     the prompt is fed (e.g. to make the cache record queries)."""
 
     def after_step(self, cache: RaggedKVCache, step: int) -> None: ...
+
+
+@runtime_checkable
+class BeginsDecode(Protocol):
+    """A decode policy that is also told once, before the prompt is fed, which cache it will manage."""
+
+    def begin(self, cache: RaggedKVCache) -> None: ...
+
+
+@runtime_checkable
+class ReportsDecode(Protocol):
+    """A decode policy with a JSON report of what it did (``kvcalib generate --json``)."""
+
+    def report(self) -> dict: ...
 
 
 @dataclass
@@ -31,7 +46,7 @@ class Generation:
 
 
 @torch.no_grad()
-def forward_tokens(model, cache: RaggedKVCache, ids: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
+def forward_tokens(model: CausalLM, cache: RaggedKVCache, ids: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
     """Append ``ids`` (B, q) to the cache at positions ``next_position..`` and return the logits of the last fed
     token (B, V), or of every fed token (B, q, V) with ``all_logits`` (teacher forcing)."""
     device = next(model.parameters()).device
@@ -45,7 +60,7 @@ def forward_tokens(model, cache: RaggedKVCache, ids: torch.Tensor, all_logits: b
 
 @torch.no_grad()
 def greedy_decode(
-    model,
+    model: CausalLM,
     cache: RaggedKVCache,
     prompt_ids: torch.Tensor,
     max_new_tokens: int,
@@ -58,7 +73,7 @@ def greedy_decode(
     With ``ignore_eos`` exactly ``max_new_tokens`` tokens are generated (fixed-length runs, memory benchmarks)."""
     eos = set() if ignore_eos else (eos_token_ids or set())
     t0 = time.perf_counter()
-    if policy is not None and hasattr(policy, "begin"):
+    if isinstance(policy, BeginsDecode):
         policy.begin(cache)
     logits = forward_tokens(model, cache, prompt_ids.view(1, -1))
     out: list[int] = []
@@ -77,7 +92,7 @@ def greedy_decode(
 
 @torch.no_grad()
 def greedy_decode_batch(
-    model,
+    model: CausalLM,
     cache: RaggedKVCache,
     prompt_ids: torch.Tensor,
     max_new_tokens: int,

@@ -45,6 +45,15 @@ class MorphKV:
             raise KvcalibError(f"MorphKV interval must be >= 1, got {self.interval}")
 
     # ------------------------------------------------------------------ DecodePolicy
+    def seed(self, cache: RaggedKVCache, queries: torch.Tensor) -> None:
+        """Seed the cache's recent queries with the last R prompt queries ``queries`` (L, Hq, Nq, d), e.g. a
+        capture's ``queries``, as the reference seeds its observation window with the last prompt queries: without
+        it the first eviction only sees the queries of the (possibly shorter than R) question. Call before
+        ``greedy_decode``; ``begin`` keeps them."""
+        cache.record_queries = max(cache.record_queries, self.recent)
+        for l in range(queries.shape[0]):
+            cache.remember_queries(l, queries[l, :, -self.recent:].unsqueeze(0))  # (1, Hq, ≤R, d)
+
     def begin(self, cache: RaggedKVCache) -> None:
         cache.record_queries = max(cache.record_queries, self.recent)
         self.history.clear()

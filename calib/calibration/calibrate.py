@@ -22,12 +22,14 @@ from pathlib import Path
 import torch
 
 from kvcalib.calib import budget as budgets
+from kvcalib.calib import defaults
 from kvcalib.calib.capture import Capture
-from kvcalib.calib.calibration.curve import DEFAULT_RATIOS, keep_masks, largest_safe_ratio, one_pass_curve
+from kvcalib.calib.calibration.curve import keep_masks, largest_safe_ratio, one_pass_curve
 from kvcalib.calib.data.documents import content_hash
 from kvcalib.calib.errors import KvcalibError
 from kvcalib.calib.calibration.features import context_features
-from kvcalib.calib.calibration.probes import SEPARATOR, reconstruction_probes, user_probes as make_user_probes
+from kvcalib.calib.calibration.probes import Probe, SEPARATOR, reconstruction_probes, user_probes as make_user_probes
+from kvcalib.calib.calibration.protocols import CalibrationEngine, RatioPredictor
 
 Progress = Callable[[float, str], None]
 NLL_STRIDE = 8  # context NLL features from every 8th token: 1/8 of the LM-head cost (docs/calibration.md §8)
@@ -42,14 +44,15 @@ class CalibrationError(KvcalibError):
 class CalibrationConfig:
     """Everything that determines a calibration label (its ``params_hash`` keys resumable corpora and caches)."""
 
-    method: str = "compactor"
+    method: str = defaults.METHOD
     method_params: dict = field(default_factory=dict)
-    allocator: str = "adakv"  # head-adaptive: larger r* and passkey kept at r* (docs/calibration.md §9–10)
-    ratios: tuple[float, ...] = DEFAULT_RATIOS
-    tolerance: float = 0.95
-    n_probes: int = 6  # reconstruction probes (spans of the document)
-    probe_tokens: int = 6  # scored target tokens per probe
-    cue_tokens: int = 4  # document tokens fed before the target
+    allocator: str = defaults.ALLOCATOR  # head-adaptive: larger r* and passkey kept at r* (docs/calibration.md §9–10)
+    allocator_params: dict = field(default_factory=dict)  # keyword parameters of the allocator (e.g. AdaKV's alpha)
+    ratios: tuple[float, ...] = defaults.RATIOS
+    tolerance: float = defaults.TOLERANCE
+    n_probes: int = defaults.N_PROBES  # reconstruction probes (spans of the document)
+    probe_tokens: int = defaults.PROBE_TOKENS  # scored target tokens per probe
+    cue_tokens: int = defaults.CUE_TOKENS  # document tokens fed before the target
     seed: int = 0  # span choice
 
     def __post_init__(self):
@@ -58,16 +61,18 @@ class CalibrationConfig:
         except (TypeError, ValueError):
             raise CalibrationError(f"ratios must be numbers in (0, 1), got {self.ratios!r}") from None
         self.method_params = dict(self.method_params or {})
+        self.allocator_params = dict(self.allocator_params or {})
 
     def validate(self) -> "CalibrationConfig":
         from kvcalib.calib.scorers import available_methods, get_scorer
 
-        if self.method not in available_methods():
+        if self.method not in available_methods(aliases=True):
             raise CalibrationError(f"unknown method {self.method!r}: expected one of {available_methods()}")
         get_scorer(self.method, **self.method_params)  # raises on unknown parameters, with the valid names
         if self.allocator not in budgets.available_allocators():
             raise CalibrationError(
                 f"unknown allocator {self.allocator!r}: expected one of {budgets.available_allocators()}")
+        _check_allocator_params(self.allocator, self.allocator_params)
         if not self.ratios:
             raise CalibrationError("ratios must hold at least one compression ratio in (0, 1)")
         bad = [r for r in self.ratios if not (0.0 < r < 1.0) or math.isnan(r)]
@@ -104,17 +109,43 @@ class CalibrationConfig:
             if isinstance(kw["ratios"], (str, bytes)) or not hasattr(kw["ratios"], "__iter__"):
                 raise CalibrationError(f"ratios must be a list of numbers in (0, 1), got {kw['ratios']!r}")
             kw["ratios"] = tuple(kw["ratios"])
-        if "method_params" in kw and not isinstance(kw["method_params"] or {}, dict):
-            raise CalibrationError("method_params must be an object")
+        for name in ("method_params", "allocator_params"):
+            if name in kw and not isinstance(kw[name] or {}, dict):
+                raise CalibrationError(f"{name} must be an object")
         for name in ("tolerance",):
             if name in kw and (isinstance(kw[name], bool) or not isinstance(kw[name], (int, float))):
                 raise CalibrationError(f"{name} must be a number, got {kw[name]!r}")
         return cls(**kw).validate()
 
     def params_hash(self) -> str:
-        """sha256 of the canonical JSON of every field (sorted keys, no whitespace): stable across processes."""
-        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+        """sha256 of the canonical JSON of every field (sorted keys, no whitespace): stable across processes.
+        Empty ``allocator_params`` are left out, so configs keep the hash they had before the field existed."""
+        d = self.to_dict()
+        if not d["allocator_params"]:
+            del d["allocator_params"]
+        blob = json.dumps(d, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
         return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def _check_allocator_params(allocator: str, params: dict) -> None:
+    """``params`` must be keyword parameters of ``budget.ALLOCATORS[allocator]`` with the type of their default."""
+    import inspect
+
+    sig = inspect.signature(budgets.ALLOCATORS[allocator])
+    known = {k: p.default for k, p in list(sig.parameters.items())[2:]  # after (scores, per_head)
+             if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is not p.empty}
+    unknown = sorted(set(params) - set(known))
+    if unknown:
+        raise CalibrationError(f"unknown parameter(s) {unknown} for allocator {allocator!r}: expected {sorted(known)}")
+    for k, v in params.items():
+        d = known[k]
+        if isinstance(d, float):
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        else:
+            ok = isinstance(v, type(d)) and (isinstance(d, bool) or not isinstance(v, bool))
+        if not ok:
+            raise CalibrationError(f"allocator parameter {k!r} of {allocator!r} must be a {type(d).__name__} "
+                                   f"(default {d!r}), got {v!r}")
 
 
 # ---------------------------------------------------------------------------------------------------- result
@@ -167,7 +198,7 @@ def _noop(_f: float, _m: str) -> None:
     pass
 
 
-def context_ids(engine, text: str) -> tuple[torch.Tensor, int]:
+def context_ids(engine: CalibrationEngine, text: str) -> tuple[torch.Tensor, int]:
     """(ids, doc_start): the cached part of ``engine.prompt(text, …)`` and where the document starts in it."""
     if not isinstance(text, str) or not text.strip():
         raise CalibrationError("the document is empty")
@@ -177,25 +208,42 @@ def context_ids(engine, text: str) -> tuple[torch.Tensor, int]:
     return ids, start
 
 
-def _scores(engine, cap, config: CalibrationConfig) -> torch.Tensor:
+def _scores(engine: CalibrationEngine, cap: Capture, config: CalibrationConfig) -> torch.Tensor:
     scorer = engine.scorer(config.method, **config.method_params)
-    # methods whose scores depend on the budget (e.g. lookahead) are scored once at the grid's median ratio
+    # methods whose scores depend on the budget (e.g. lookahead): these scores (the grid's median ratio) serve the
+    # features and r*'s budgets; the keep mask of every grid ratio comes from its own scoring (``_per_ratio_keep``)
     mid = config.ratios[len(config.ratios) // 2]
     return scorer.score(cap, engine.score_context(budgets.Budget(ratio=mid)))
 
 
-def budgets_at(scores: torch.Tensor, ratio: float, allocator: str) -> tuple[list[int], list[list[int]]]:
+def _per_ratio_keep(engine: CalibrationEngine, cap: Capture, config: CalibrationConfig,
+                    keep: torch.Tensor) -> torch.Tensor:
+    """``keep`` (R + 1, L, Hkv, N) with row i + 1 rebuilt from scores taken at ``config.ratios[i]`` when the method's
+    scores depend on the budget (``Scorer.budget_dependent``, e.g. lookahead: its draft is compressed at the ratio)."""
+    scorer = engine.scorer(config.method, **config.method_params)
+    if not getattr(scorer, "budget_dependent", False):
+        return keep
+    keep = keep.clone()
+    for i, r in enumerate(config.ratios):
+        b = budgets.Budget(ratio=float(r))
+        keep[i + 1] = budgets.allocate(scorer.score(cap, engine.score_context(b)), b, config.allocator,
+                                       **config.allocator_params)
+    return keep
+
+
+def budgets_at(scores: torch.Tensor, ratio: float, allocator: str,
+               **alloc_params) -> tuple[list[int], list[list[int]]]:
     """Kept tokens per layer (L,) and per (layer, kv head) (L × Hkv) when ``scores`` (L, Hkv, N) are compressed at
-    ``ratio`` by ``allocator``."""
+    ``ratio`` by ``allocator`` (with its keyword parameters ``alloc_params``)."""
     ratio = float(ratio)
     if not 0.0 <= ratio < 1.0:
         raise CalibrationError(f"compression ratio must be in [0, 1), got {ratio}")
-    keep = budgets.allocate(scores, budgets.Budget(ratio=ratio), allocator)
+    keep = budgets.allocate(scores, budgets.Budget(ratio=ratio), allocator, **alloc_params)
     per_head = keep.sum(-1)  # (L, Hkv)
     return [int(x) for x in per_head.sum(-1)], [[int(x) for x in row] for row in per_head]
 
 
-def _probes(engine, cap, doc_start: int, config: CalibrationConfig) -> list:
+def _probes(engine: CalibrationEngine, cap: Capture, doc_start: int, config: CalibrationConfig) -> list[Probe]:
     """The calibration's reconstruction probes (deterministic in ``config.seed``)."""
     if not config.n_probes:
         return []
@@ -205,7 +253,7 @@ def _probes(engine, cap, doc_start: int, config: CalibrationConfig) -> list:
                                  config.seed, sep)
 
 
-def _prepare(engine, text: str, config: CalibrationConfig, progress: Progress):
+def _prepare(engine: CalibrationEngine, text: str, config: CalibrationConfig, progress: Progress):
     config.validate()
     t = {}
     ids, doc_start = context_ids(engine, text)
@@ -219,7 +267,8 @@ def _prepare(engine, text: str, config: CalibrationConfig, progress: Progress):
     t["score_s"] = time.perf_counter() - t0
     progress(0.55, "features")
     t0 = time.perf_counter()
-    keep = keep_masks(scores, config.ratios, config.allocator)
+    keep = keep_masks(scores, config.ratios, config.allocator, **config.allocator_params)
+    keep = _per_ratio_keep(engine, cap, config, keep)
     feats = context_features(text, cap, scores, keep[1:], config.ratios,
                              doc_start=doc_start, window=config.probe_tokens)
     t["features_s"] = time.perf_counter() - t0
@@ -227,13 +276,14 @@ def _prepare(engine, text: str, config: CalibrationConfig, progress: Progress):
 
 
 # ---------------------------------------------------------------------------------------------------- API
-def featurize(engine, text: str, config: CalibrationConfig) -> tuple[dict[str, float], Capture, torch.Tensor]:
+def featurize(engine: CalibrationEngine, text: str,
+              config: CalibrationConfig) -> tuple[dict[str, float], Capture, torch.Tensor]:
     """One prefill + scores + features, no probes (what a prediction costs). Returns (features, capture, scores)."""
     cap, _, scores, _, feats, _ = _prepare(engine, text, config, _noop)
     return feats, cap, scores
 
 
-def calibrate(engine, text: str, config: CalibrationConfig = CalibrationConfig(),
+def calibrate(engine: CalibrationEngine, text: str, config: CalibrationConfig = CalibrationConfig(),
               progress: Progress | None = None, user_probes: list[tuple[str, str]] | None = None,
               doc_id: str | None = None) -> CalibrationResult:
     """The quality curve of ``text`` over ``config.ratios`` and its largest safe ratio r*(τ), from one prefill."""
@@ -252,13 +302,13 @@ def calibrate(engine, text: str, config: CalibrationConfig = CalibrationConfig()
     timings["probes_s"] = time.perf_counter() - t0
     progress(0.95, "largest safe ratio")
     r_star, r_grid, monotone = largest_safe_ratio(curve.ratios, curve.fidelity, config.tolerance)
-    layer_b, head_b = budgets_at(scores, r_star, config.allocator)
+    layer_b, head_b = budgets_at(scores, r_star, config.allocator, **config.allocator_params)
     progress(1.0, f"r* = {r_star:.3f}")
     return CalibrationResult(
         config=config, context_tokens=cap.num_tokens, ratios=curve.ratios, fidelity=curve.fidelity, kl=curve.kl,
         r_star=float(r_star), monotone=bool(monotone), features=feats, layer_budgets=layer_b, head_budgets=head_b,
         seconds=time.perf_counter() - t_start, r_star_grid=float(r_grid), content_hash=content_hash(text),
-        doc_id=doc_id, model=getattr(engine.lm, "name", ""), probe_fidelity=curve.probe_fidelity,
+        doc_id=doc_id, model=engine.lm.name, probe_fidelity=curve.probe_fidelity,
         timings={k: round(v, 4) for k, v in timings.items()})
 
 
@@ -276,7 +326,8 @@ class Prediction:
         return asdict(self)
 
 
-def predict(engine, text: str, config: CalibrationConfig, predictor) -> Prediction:
+def predict(engine: CalibrationEngine, text: str, config: CalibrationConfig,
+            predictor: RatioPredictor | str | Path) -> Prediction:
     """Recommend a compression ratio for ``text`` from its features alone (one prefill + scores, no probes).
     ``predictor`` is a loaded predictor or a path to a predictor file / folder (``load_predictor``)."""
     from kvcalib.calib.predictors import load_predictor
@@ -292,7 +343,7 @@ def predict(engine, text: str, config: CalibrationConfig, predictor) -> Predicti
     feats, cap, scores = featurize(engine, text, config)
     r = float(predictor.predict([feats])[0])
     r = min(max(r, 0.0), max(config.ratios), 0.999)
-    layer_b, head_b = budgets_at(scores, r, config.allocator)
+    layer_b, head_b = budgets_at(scores, r, config.allocator, **config.allocator_params)
     return Prediction(ratio=r, token_budget=budgets.Budget(ratio=r).per_head(cap.num_tokens), layer_budgets=layer_b,
                       head_budgets=head_b, features=feats, predictor_version=predictor.version,
                       context_tokens=cap.num_tokens)

@@ -31,8 +31,10 @@ import torch.nn.functional as F
 from kvcalib.calib import budget as budgets
 from kvcalib.calib.cache.ragged import RaggedKVCache, segment_offsets
 from kvcalib.calib.calibration.probes import PackedProbes, Probe, fidelity_from_nll, pack
+from kvcalib.calib.defaults import ALLOCATOR, RATIOS
+from kvcalib.calib.lm.protocols import LanguageModel
 
-DEFAULT_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+DEFAULT_RATIOS = RATIOS  # the default grid (calib.defaults.RATIOS), re-exported under its historical name
 MONOTONE_TOL = 0.01  # a rise of fidelity by more than this between grid points flags the curve as non-monotone
 
 
@@ -48,7 +50,7 @@ class Curve:
     seconds: float = 0.0
 
 
-def keep_masks(scores: torch.Tensor, ratios, allocator: str = "uniform", full_row: bool = True,
+def keep_masks(scores: torch.Tensor, ratios, allocator: str = ALLOCATOR, full_row: bool = True,
                **alloc_params) -> torch.Tensor:
     """(R [+1], L, Hkv, N) keep masks: an all-True reference row first (``full_row``), then one per ratio."""
     rows = [torch.ones(scores.shape, dtype=torch.bool, device=scores.device)] if full_row else []
@@ -73,7 +75,7 @@ def keep_masks(scores: torch.Tensor, ratios, allocator: str = "uniform", full_ro
 
 
 @torch.no_grad()
-def packed_hidden(lm, cache: RaggedKVCache, packed: PackedProbes) -> torch.Tensor:
+def packed_hidden(lm: LanguageModel, cache: RaggedKVCache, packed: PackedProbes) -> torch.Tensor:
     """Feed the packed probes to every row of ``cache`` (then restore it). Returns the final hidden states at the
     target-predicting positions, (B, M, hidden)."""
     model = lm.model
@@ -111,7 +113,7 @@ def _rows_stats(head, hidden: torch.Tensor, packed: PackedProbes, ref_logp: torc
 
 
 @torch.no_grad()
-def evaluate_rows(lm, keys: torch.Tensor, values: torch.Tensor, keep: torch.Tensor, probes: list[Probe],
+def evaluate_rows(lm: LanguageModel, keys: torch.Tensor, values: torch.Tensor, keep: torch.Tensor, probes: list[Probe],
                   max_rows: int | None = None, logits_budget: int = 2**25) -> tuple[torch.Tensor, torch.Tensor]:
     """Probe NLL (B, K) and KL vs row 0 (B,) for every keep-mask row of ``keep`` (B, L, Hkv, N); row 0 is the
     reference. Rows are fed ``max_rows`` at a time (all at once by default); the LM head and log-softmax are
@@ -144,8 +146,8 @@ def _curve_from_rows(ratios, nll: torch.Tensor, kl: torch.Tensor, keep: torch.Te
                  nll=nll[1:].tolist(), kept_fraction=[float(x) for x in kept], seconds=seconds)
 
 
-def one_pass_curve(lm, keys: torch.Tensor, values: torch.Tensor, scores: torch.Tensor, probes: list[Probe],
-                   ratios=DEFAULT_RATIOS, allocator: str = "uniform", max_rows: int | None = None,
+def one_pass_curve(lm: LanguageModel, keys: torch.Tensor, values: torch.Tensor, scores: torch.Tensor,
+                   probes: list[Probe], ratios=RATIOS, allocator: str = ALLOCATOR, max_rows: int | None = None,
                    keep: torch.Tensor | None = None, **alloc_params) -> Curve:
     """The fidelity/KL curve over ``ratios`` from captured full ``keys``/``values`` (L, Hkv, N, d) and ``scores``
     (L, Hkv, N), all ratios batched as rows of one masked cache, all probes packed into one sequence.
@@ -159,7 +161,7 @@ def one_pass_curve(lm, keys: torch.Tensor, values: torch.Tensor, scores: torch.T
 
 
 @torch.no_grad()
-def physical_rows(lm, keys: torch.Tensor, values: torch.Tensor, keep: torch.Tensor,
+def physical_rows(lm: LanguageModel, keys: torch.Tensor, values: torch.Tensor, keep: torch.Tensor,
                   probes: list[Probe]) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference for ``evaluate_rows``: for every keep-mask row, physically compress (``from_mask``) and feed each
     probe alone through ``append``. Returns probe NLL (B, K) and KL vs row 0 (B,)."""
@@ -184,8 +186,8 @@ def physical_rows(lm, keys: torch.Tensor, values: torch.Tensor, keep: torch.Tens
     return nll, kl_sum / n_tok
 
 
-def physical_curve(lm, keys: torch.Tensor, values: torch.Tensor, scores: torch.Tensor, probes: list[Probe],
-                   ratios=DEFAULT_RATIOS, allocator: str = "uniform", **alloc_params) -> Curve:
+def physical_curve(lm: LanguageModel, keys: torch.Tensor, values: torch.Tensor, scores: torch.Tensor,
+                   probes: list[Probe], ratios=RATIOS, allocator: str = ALLOCATOR, **alloc_params) -> Curve:
     """Reference implementation: physically compress (``from_mask``) for each ratio and feed each probe alone."""
     t0 = time.perf_counter()
     ratios = sorted(float(r) for r in ratios)

@@ -37,6 +37,8 @@ import zlib
 
 import torch
 
+from kvcalib.calib.capture import Capture
+
 WINDOW = 32
 SINKS = 4
 LOCAL = 64
@@ -221,7 +223,7 @@ def coverage_features(keep: torch.Tensor, ratios, doc_start: int = 0, window: in
     return out
 
 
-def context_features(text: str, cap, scores: torch.Tensor, keep: torch.Tensor | None = None,
+def context_features(text: str, cap: Capture, scores: torch.Tensor, keep: torch.Tensor | None = None,
                      ratios=(), doc_start: int = 0, window: int = 6) -> dict[str, float]:
     """Every feature of a context from its capture, the method's scores and (optionally) the grid's keep masks
     ``keep`` (R, L, Hkv, N) for ``ratios`` (with them: retained attention, and span coverage over windows of

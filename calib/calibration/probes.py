@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kvcalib.calib.errors import KvcalibError
+from kvcalib.calib.lm.protocols import Tokenizer
 
 EDGE_MARGIN = 16  # tokens kept free of probes at both ends of the document
 SEPARATOR = ""  # text fed before every reconstruction cue ("" = none)
@@ -82,27 +83,40 @@ def pack(probes: list[Probe]) -> PackedProbes:
                         targets=torch.cat(tgt), owner=torch.cat(own), n_probes=len(probes))
 
 
-def span_starts(lo: int, hi: int, n_probes: int, span: int, seed: int) -> list[int]:
+def span_starts(lo: int, hi: int, n_probes: int, span: int, seed: int,
+                avoid: list[tuple[int, int]] | None = None) -> list[int]:
     """K start positions in [lo, hi − span], one drawn uniformly per equal stratum (deterministic in ``seed``).
-    Strata narrower than the span still get a start (probes may then overlap)."""
+    Strata narrower than the span still get a start (probes may then overlap). With ``avoid`` (token ranges
+    [a, b), e.g. inserted task items) a span never overlaps one of them: the start is drawn among the stratum's
+    allowed starts, else the allowed start nearest to the stratum (no allowed start at all: ``ProbeError``)."""
     if hi - lo < span:
         raise ProbeError(f"document too short for probes: {hi - lo} usable tokens, a probe span needs {span}")
     rng = random.Random(seed)
     width = (hi - lo) / n_probes
+    allowed = None
+    if avoid:
+        allowed = [s for s in range(lo, hi - span + 1) if all(s + span <= a or s >= b for a, b in avoid)]
+        if not allowed:
+            raise ProbeError("no probe span fits between the positions to avoid")
     starts = []
     for k in range(n_probes):
         a = lo + int(round(k * width))
         b = lo + int(round((k + 1) * width)) - span
         b = min(max(a, b), hi - span)
         a = min(a, b)
-        starts.append(rng.randint(a, b))
+        if allowed is None:
+            starts.append(rng.randint(a, b))
+            continue
+        inside = [s for s in allowed if a <= s <= b]
+        starts.append(rng.choice(inside) if inside else min(allowed, key=lambda s: (abs(s - a), s)))
     return starts
 
 
 def reconstruction_probes(context_ids: torch.Tensor, doc_start: int, n_probes: int = 4, cue_tokens: int = 4,
                           probe_tokens: int = 10, seed: int = 0, separator_ids: list[int] | None = None,
-                          margin: int = EDGE_MARGIN) -> list[Probe]:
-    """``n_probes`` spans of ``context_ids[doc_start:]`` (the document), each probe = separator + cue + target."""
+                          margin: int = EDGE_MARGIN, avoid: list[tuple[int, int]] | None = None) -> list[Probe]:
+    """``n_probes`` spans of ``context_ids[doc_start:]`` (the document), each probe = separator + cue + target,
+    none overlapping the token ranges ``avoid`` (e.g. the items of a task-truth document)."""
     if n_probes < 0 or cue_tokens < 1 or probe_tokens < 1:
         raise ProbeError("n_probes must be >= 0, cue_tokens and probe_tokens >= 1")
     if n_probes == 0:
@@ -115,7 +129,7 @@ def reconstruction_probes(context_ids: torch.Tensor, doc_start: int, n_probes: i
     if hi - lo < span:
         raise ProbeError(f"document too short for calibration probes: {max(0, n - doc_start)} tokens, a probe of "
                          f"{cue_tokens} cue + {probe_tokens} target tokens needs at least {span + 4}")
-    starts = span_starts(lo, hi, n_probes, span, seed)
+    starts = span_starts(lo, hi, n_probes, span, seed, avoid)
     sep = torch.tensor(separator_ids or [], dtype=torch.long)
     probes = []
     for s in starts:
@@ -127,7 +141,7 @@ def reconstruction_probes(context_ids: torch.Tensor, doc_start: int, n_probes: i
     return probes
 
 
-def user_probes(tokenizer, pairs: list[tuple[str, str]]) -> list[Probe]:
+def user_probes(tokenizer: Tokenizer, pairs: list[tuple[str, str]]) -> list[Probe]:
     """(question, reference answer) probes, the question formatted as in ``build_prompt``."""
     from kvcalib.calib.data.documents import build_prompt
 

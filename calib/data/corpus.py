@@ -1,5 +1,6 @@
-"""Corpora of documents to calibrate, label files, train/calibration/test splits, and the fit/evaluate pipeline
-behind ``kvcalib calibrate|fit|evaluate`` and ``benchmarks/calibration_corpus.py``.
+"""Corpora of documents to calibrate, label files and train/calibration/test splits: the data side of
+``kvcalib calibrate|fit|evaluate`` and ``benchmarks/calibration_corpus.py`` (fitting and evaluating predictors lives
+in ``calib.predictors``).
 
 * A corpus is a folder of ``.txt`` files or a JSONL file of ``{"id": ..., "text": ...}`` objects; every text is cut
   into ``min_tokens..max_tokens``-token documents at line boundaries (``calib.documents.chunk_by_tokens``), named
@@ -18,11 +19,10 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from kvcalib.calib.data.documents import chunk_by_tokens, content_hash
-from kvcalib.calib.errors import KvcalibError
 from kvcalib.calib.data.jsonl import iter_jsonl
+from kvcalib.calib.errors import KvcalibError
+from kvcalib.calib.lm.protocols import Tokenizer
 
 
 class CorpusError(KvcalibError):
@@ -69,7 +69,7 @@ def read_texts(path: str | Path) -> list[tuple[str, str]]:
     raise CorpusError(f"corpus {str(path)!r} does not exist (expected a folder of .txt or a JSONL file)")
 
 
-def load_corpus(path: str | Path, tokenizer, min_tokens: int = 1000, max_tokens: int = 3000,
+def load_corpus(path: str | Path, tokenizer: Tokenizer, min_tokens: int = 1000, max_tokens: int = 3000,
                 limit: int | None = None, seed: int | None = None) -> list[Document]:
     """The corpus cut into ``min_tokens..max_tokens``-token documents (shuffled by ``seed`` when given)."""
     if min_tokens < 1 or max_tokens < min_tokens:
@@ -167,64 +167,3 @@ def split_labels(labels: list[dict], seed: int = 0, fractions=(0.5, 0.25, 0.25),
         parts[idx].extend(groups[g])
         acc += len(groups[g])
     return parts
-
-
-# ---------------------------------------------------------------------------------------------------- evaluation
-def evaluate_predictors(predictors: dict, labels: list[dict], alpha: float) -> dict:
-    """Metrics of every predictor on ``labels`` and the best single global ratio at the same (or lower) violation
-    rate — the baseline a per-context predictor has to beat."""
-    from kvcalib.calib.predictors import best_global_ratio, violation_metrics
-
-    feats = [r["features"] for r in labels]
-    y = np.array([r["r_star"] for r in labels], dtype=float)
-    out = {"n": len(labels), "alpha": alpha, "mean_oracle_ratio": float(y.mean()) if len(y) else None,
-           "oracle_r_star_std": float(y.std()) if len(y) else None, "predictors": {}}
-    g_alpha = best_global_ratio(y, alpha)
-    out["best_global_at_alpha"] = {"ratio": g_alpha, "violation_rate": float((g_alpha > y + 1e-9).mean())}
-    for name, p in predictors.items():
-        pred = p.predict(feats)
-        m = violation_metrics(pred, y)
-        g = best_global_ratio(y, m["violation_rate"])
-        m["best_global_ratio"] = g
-        m["best_global_violation_rate"] = float((g > y + 1e-9).mean())
-        m["gain_over_best_global"] = m["mean_ratio"] - g
-        m["beats_best_global"] = bool(m["mean_ratio"] > g + 1e-9)
-        m["version"] = p.version
-        m["predictions"] = [float(v) for v in pred]
-        out["predictors"][name] = m
-    return out
-
-
-def plot_evaluation(labels: list[dict], report: dict, path: str | Path, tau: float) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.5))
-    for r in labels:
-        a1.plot([0.0] + list(r["ratios"]), [1.0] + list(r["fidelity"]), color="tab:blue", alpha=0.25, lw=0.8)
-    a1.axhline(tau, color="tab:red", ls="--", lw=1, label=f"τ = {tau}")
-    a1.set_xlabel("compression ratio")
-    a1.set_ylabel("probe fidelity (NLL_full / NLL_r)")
-    a1.set_title(f"quality curves ({len(labels)} held-out contexts)")
-    a1.legend()
-    y = np.array([r["r_star"] for r in labels])
-    lim = max(0.05, float(y.max()) * 1.1 if len(y) else 1.0)
-    for name, m in report["predictors"].items():
-        p = np.array(m["predictions"])
-        a2.scatter(y, p, s=14, alpha=0.7, label=f"{name} (viol {m['violation_rate']:.2f}, mean {m['mean_ratio']:.3f})")
-        lim = max(lim, float(p.max()) * 1.1 if len(p) else lim)
-    a2.plot([0, lim], [0, lim], color="black", lw=0.8)
-    a2.set_xlim(0, lim)
-    a2.set_ylim(0, lim)
-    a2.set_xlabel("oracle r*")
-    a2.set_ylabel("predicted r̂")
-    a2.set_title("predicted vs oracle (above the diagonal = violation)")
-    a2.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path

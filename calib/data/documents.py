@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from kvcalib.calib.data.hashing import content_hash
+from kvcalib.calib.data.hashing import content_hash  # noqa: F401  (re-exported: callers import it from here)
+from kvcalib.calib.lm.protocols import Tokenizer
 
 # The bundled essays: a real folder both in a checkout and in an installed wheel (setuptools installs package data
 # unzipped), so ``Path`` operations work on it.
@@ -63,7 +64,7 @@ class Prompt:
 CONTEXT_MARK = "\x00KVCALIB_CONTEXT\x00"
 
 
-def build_prompt(tokenizer, context: str, question: str, system: str | None = None) -> Prompt:
+def build_prompt(tokenizer: Tokenizer, context: str, question: str, system: str | None = None) -> Prompt:
     """Chat-formatted prompt ``[system][user: context + question][assistant:]`` split after the context."""
     user = f"{CONTEXT_MARK}\n\n{question}"
     msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
@@ -77,7 +78,7 @@ def build_prompt(tokenizer, context: str, question: str, system: str | None = No
     return Prompt(context_ids=ctx, question_ids=q)
 
 
-def chunk_by_tokens(tokenizer, text: str, min_tokens: int, max_tokens: int) -> list[str]:
+def chunk_by_tokens(tokenizer: Tokenizer, text: str, min_tokens: int, max_tokens: int) -> list[str]:
     """Split ``text`` at line boundaries into pieces of ``min_tokens..max_tokens`` tokens (a short tail is
     dropped; a single line longer than ``max_tokens`` is skipped)."""
     lines = [ln for ln in text.splitlines() if ln.strip()]

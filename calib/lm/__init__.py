@@ -1,1 +1,1 @@
-"""Language models: the offline registry and kvcalib's ragged attention path."""
+"""Language models: the offline registry, kvcalib's ragged attention path, and the model/tokenizer Protocols."""

@@ -14,15 +14,22 @@ function decides per call, from the ``kvcalib_state`` keyword that flows through
   not extended (see ``packed_attention``).
 
 Models are called with ``use_cache=False`` so transformers never allocates a ``DynamicCache`` of its own.
+
+Re-entrancy: this function keeps no state of its own; everything a call reads or writes is its ``kvcalib_state``
+(a per-call recorder or cache), so one model serves concurrent calls from several threads. The model is set to this
+implementation once, at load (``install_attention``), never per call.
 """
 
 from __future__ import annotations
+
+import threading
 
 import torch
 import torch.nn.functional as F
 
 ATTN_NAME = "kvcalib"
 _REGISTERED = False
+_REGISTER_LOCK = threading.Lock()
 
 
 def _sdpa(q, k, v, mask, scale, causal):
@@ -130,15 +137,17 @@ def _no_mask(*args, **kwargs):
 
 
 def register() -> None:
+    """Register the ``"kvcalib"`` attention and mask functions with transformers (once per process)."""
     global _REGISTERED
-    if _REGISTERED:
-        return
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
+    with _REGISTER_LOCK:
+        if _REGISTERED:
+            return
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface
 
-    AttentionInterface.register(ATTN_NAME, kvcalib_attention)
-    AttentionMaskInterface.register(ATTN_NAME, _no_mask)
-    _REGISTERED = True
+        AttentionInterface.register(ATTN_NAME, kvcalib_attention)
+        AttentionMaskInterface.register(ATTN_NAME, _no_mask)
+        _REGISTERED = True
 
 
 def install_attention(model: torch.nn.Module) -> None:

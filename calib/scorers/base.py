@@ -4,13 +4,17 @@ SnapKV-style observation-window skeleton)."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 import torch.nn.functional as F
 
 from kvcalib import kernels
 from kvcalib.calib.capture import Capture
+from kvcalib.calib.lm.protocols import LanguageModel
+
+if TYPE_CHECKING:
+    from kvcalib.calib.budget import Budget
 
 PROTECTED = float("inf")  # score of positions a method always keeps
 
@@ -20,8 +24,8 @@ class ScoreContext:
     """What a method may need beyond the capture: the model (methods that decode, e.g. Lookahead Q-Cache) and the
     target budget (methods whose scores depend on it)."""
 
-    lm: object | None = None  # kvcalib.calib.lm.registry.LoadedModel
-    budget: object | None = None  # kvcalib.calib.budget.Budget
+    lm: LanguageModel | None = None  # e.g. kvcalib.calib.lm.registry.LoadedModel
+    budget: Budget | None = None
     eos_ids: set[int] = field(default_factory=set)
 
 
@@ -32,6 +36,7 @@ class Scorer:
     Subclasses are dataclasses whose fields are the method's hyperparameters with their published defaults."""
 
     name: ClassVar[str] = "base"
+    budget_dependent: ClassVar[bool] = False  # True when the scores depend on ScoreContext.budget (score per ratio)
 
     def score(self, cap: Capture, ctx: ScoreContext | None = None) -> torch.Tensor:
         raise NotImplementedError
@@ -78,7 +83,9 @@ def pool_reduce_protect(s: torch.Tensor, group: int, w: int, kernel: int, poolin
 
 
 def pool1d(x: torch.Tensor, kernel: int, kind: str = "max") -> torch.Tensor:
-    """Stride-1 pooling along the last axis with padding kernel//2, keeping the length. x: (..., N)."""
+    """Stride-1 pooling along the last axis with padding kernel//2, keeping the length. x: (..., N).
+    Average pooling counts the zero padding (``count_include_pad=True``, torch's default, as in the SnapKV, AdaKV,
+    LAVa and kvpress references): the k//2 edge positions of each side are divided by k."""
     if kernel <= 1:
         return x
     shape = x.shape
@@ -86,7 +93,7 @@ def pool1d(x: torch.Tensor, kernel: int, kind: str = "max") -> torch.Tensor:
     if kind == "max":
         out = F.max_pool1d(flat, kernel, stride=1, padding=kernel // 2)
     elif kind == "avg":
-        out = F.avg_pool1d(flat, kernel, stride=1, padding=kernel // 2, count_include_pad=False)
+        out = F.avg_pool1d(flat, kernel, stride=1, padding=kernel // 2, count_include_pad=True)
     else:
         raise ValueError(f"unknown pooling {kind!r}: expected 'max' or 'avg'")
     return out[..., : shape[-1]].reshape(shape)

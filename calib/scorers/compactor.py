@@ -7,6 +7,12 @@ Attention part: non-causal softmax(Q Kᵀ) inside chunks of 256 positions (no 1/
 column sums per chunk, mean over the GQA group, times ‖v_j‖, avg-pooled with k = 3.
 Blend: s = z(attn) + λ·z(ℓ), z-scores over all heads and positions of a layer; λ = 0.3 (paper; insensitive in
 0.15–0.4). The first 8 and last 4 positions are protected.
+
+Protected positions are cut off *before* everything else (``exclude_protected=True``, as both reference codes —
+the authors' press and kvpress' ``CompactorPress`` — slice ``[8:-4]`` first): the centring of the keys, the chunk
+boundaries (the first chunk starts at position 8), the pooling and both z-scores see only the N − 12 middle
+positions, so sink outliers do not inflate the spread of the attention z-score. ``exclude_protected=False`` keeps
+the former behaviour (everything over all N positions, protected positions overwritten afterwards).
 """
 
 from __future__ import annotations
@@ -15,10 +21,11 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 
 from kvcalib import kernels
 from kvcalib.calib.capture import Capture
-from kvcalib.calib.scorers.base import ScoreContext, Scorer, gqa_reduce, pool1d, protect, zscore
+from kvcalib.calib.scorers.base import PROTECTED, ScoreContext, Scorer, gqa_reduce, pool1d, protect, zscore
 
 
 def gaussian_sketch(d: int, k: int, seed: int, device=None) -> torch.Tensor:
@@ -39,22 +46,47 @@ class Compactor(Scorer):
     protect_first: int = 8
     protect_last: int = 4
     seed: int = 0
+    exclude_protected: bool = True
+
+    def span(self, n: int) -> tuple[int, int]:
+        """(first, last) protected counts clipped to a context of ``n`` positions (as kvpress clips them)."""
+        first = min(self.protect_first, n)
+        return first, min(self.protect_last, max(0, n - first))
 
     def leverage(self, cap: Capture) -> torch.Tensor:
-        x = cap.keys_pre.float()  # (L, Hkv, N, d)
+        """(L, Hkv, N) approximate leverage of the centred pre-RoPE keys over all N positions."""
+        return self._leverage(cap.keys_pre)
+
+    def _leverage(self, keys_pre: torch.Tensor) -> torch.Tensor:
+        x = keys_pre.float()  # (L, Hkv, N, d)
         x = x - x.mean(dim=2, keepdim=True)
-        phi = gaussian_sketch(cap.head_dim, self.sketch_dim, self.seed, x.device)  # (d, k)
+        phi = gaussian_sketch(x.shape[-1], self.sketch_dim, self.seed, x.device)  # (d, k)
         return kernels.leverage_scores(x, phi, self.rho)  # (L, Hkv, N)
 
     def attention(self, cap: Capture) -> torch.Tensor:
+        """(L, Hkv, N) chunked non-causal attention column sums (· ‖v‖, avg-pooled) over all N positions."""
         if cap.queries.shape[2] != cap.num_tokens:
             raise ValueError("Compactor needs the queries of every position (capture without query_tail)")
-        a = kernels.chunked_colsum(cap.queries, cap.keys, chunk=self.chunk, scale=1.0)  # (L, Hq, N)
-        a = gqa_reduce(a, cap.group_size, "mean")  # (L, Hkv, N)
+        return self._attention(cap.queries, cap.keys, cap.values, cap.group_size)
+
+    def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: int) -> torch.Tensor:
+        a = kernels.chunked_colsum(q, k, chunk=self.chunk, scale=1.0)  # (L, Hq, M)
+        a = gqa_reduce(a, group, "mean")  # (L, Hkv, M)
         if self.value_weighted:
-            a = a * cap.values.float().norm(dim=-1)
+            a = a * v.float().norm(dim=-1)
         return pool1d(a, self.pool_kernel, "avg")
 
     def score(self, cap: Capture, ctx: ScoreContext | None = None) -> torch.Tensor:
-        s = zscore(self.attention(cap), (1, 2)) + self.blend * zscore(self.leverage(cap), (1, 2))  # (L, Hkv, N)
-        return protect(s, first=self.protect_first, last=self.protect_last)
+        n = cap.num_tokens
+        first, last = self.span(n)
+        if not self.exclude_protected:
+            s = zscore(self.attention(cap), (1, 2)) + self.blend * zscore(self.leverage(cap), (1, 2))  # (L, Hkv, N)
+            return protect(s, first=first, last=last)
+        if cap.queries.shape[2] != n:
+            raise ValueError("Compactor needs the queries of every position (capture without query_tail)")
+        if n - first - last <= 0:
+            return torch.full(cap.keys.shape[:3], PROTECTED, device=cap.keys.device)
+        mid = slice(first, n - last)  # the M = N − first − last unprotected positions
+        a = self._attention(cap.queries[:, :, mid], cap.keys[:, :, mid], cap.values[:, :, mid], cap.group_size)
+        s = zscore(a, (1, 2)) + self.blend * zscore(self._leverage(cap.keys_pre[:, :, mid]), (1, 2))  # (L, Hkv, M)
+        return F.pad(s, (first, last), value=PROTECTED)  # (L, Hkv, N)

@@ -12,7 +12,7 @@ via Pseudo Query".
    (w₂ = 8: LAQ++; w₂ = 0: LAQ).
 
 The engine then compresses the real cache with these scores and decodes the answer from it; the pseudo tokens are
-discarded. The pseudo tokens and queries of the last call are left in ``cap.extras["lookahead"]``.
+discarded. The scores depend on the budget (``budget_dependent``): calibration scores once per grid ratio. The pseudo tokens and queries of the last call are left in ``cap.extras["lookahead"]``.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ from kvcalib.calib.scorers.snapkv import SnapKV
 
 @dataclass
 class LookaheadQCache(Scorer):
-    name: ClassVar[str] = "lookahead"
+    name: ClassVar[str] = "lookahead"  # alias "laq" (the paper's name)
+    budget_dependent: ClassVar[bool] = True  # the draft is compressed at ctx.budget
     n_pseudo: int = 8
     obs_window: int = 8  # w₂: last prompt queries kept in the observation set (LAQ++)
     draft_window: int = 32

@@ -15,6 +15,7 @@ import typer
 from rich.table import Table
 from tqdm import tqdm
 
+from kvcalib.calib import defaults
 from kvcalib.commands.common import console, emit_json, fail, friendly_errors, load_engine
 
 
@@ -44,9 +45,9 @@ def _fractions(text: str) -> tuple[float, float, float]:
 def calibrate_cmd(
     corpus: Annotated[Path, typer.Argument(help="Folder of .txt files or JSONL of {\"id\", \"text\"}.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Label file (JSONL), appended to; resumable.")],
-    method: Annotated[str, typer.Option("--method", "-m", help="Scoring method.")] = "compactor",
-    allocator: Annotated[str, typer.Option("--allocator", "-a", help="Budget allocator.")] = "adakv",
-    tolerance: Annotated[float, typer.Option(help="Fidelity threshold τ for r*.")] = 0.95,
+    method: Annotated[str, typer.Option("--method", "-m", help="Scoring method.")] = defaults.METHOD,
+    allocator: Annotated[str, typer.Option("--allocator", "-a", help="Budget allocator.")] = defaults.ALLOCATOR,
+    tolerance: Annotated[float, typer.Option(help="Fidelity threshold τ for r*.")] = defaults.TOLERANCE,
     ratios: Annotated[Optional[str], typer.Option(help="Comma-separated ratio grid (default 0.1..0.9,0.95).")] = None,
     limit: Annotated[Optional[int], typer.Option(help="Calibrate at most this many documents.")] = None,
     min_tokens: Annotated[int, typer.Option(help="Smallest document (tokens) after chunking.")] = 1000,
@@ -57,7 +58,7 @@ def calibrate_cmd(
     seed: Annotated[int, typer.Option(help="Probe span seed.")] = 0,
     shuffle: Annotated[Optional[int], typer.Option(help="Shuffle the documents with this seed before --limit.")]
     = None,
-    model: Annotated[str, typer.Option(help="Registry name or local HF model folder.")] = "smollm2-135m",
+    model: Annotated[str, typer.Option(help="Registry name or local HF model folder.")] = defaults.MODEL,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ):
     """Calibrate every document of CORPUS (quality curve + r*) and append one result per line to --out."""
@@ -77,9 +78,6 @@ def calibrate_cmd(
     if out.exists() and out.is_dir():
         fail(f"--out {str(out)!r} is a folder; give a .jsonl file")
     done = done_keys(read_labels(out, must_exist=False))
-
-    from kvcalib.calib.pipeline import Engine
-
     eng = load_engine(model)
     docs = load_corpus(corpus, eng.tokenizer, min_tokens, max_tokens, limit=limit, seed=shuffle)
     ph = config.params_hash()
@@ -132,8 +130,8 @@ def fit_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON report.")] = False,
 ):
     """Fit the parametric (Compactor), learned (quantile boosting) and conformal predictors of r*; save them."""
-    from kvcalib.calib.data.corpus import consistent_labels, evaluate_predictors, read_labels, split_labels
-    from kvcalib.calib.predictors import fit_predictors, save_predictors
+    from kvcalib.calib.data.corpus import consistent_labels, read_labels, split_labels
+    from kvcalib.calib.predictors import evaluate_predictors, fit_predictors, save_predictors
 
     if not 0.0 < alpha < 1.0:
         fail(f"--alpha must lie in (0, 1), got {alpha}")
@@ -177,8 +175,14 @@ def evaluate_cmd(
     """Held-out violation rate, mean KV reduction and error of predictors vs the best single global ratio."""
     import numpy as np
 
-    from kvcalib.calib.data.corpus import consistent_labels, evaluate_predictors, plot_evaluation, read_labels
-    from kvcalib.calib.predictors import ConformalPredictor, load_manifest, load_predictors
+    from kvcalib.calib.data.corpus import consistent_labels, read_labels
+    from kvcalib.calib.predictors import (
+        ConformalPredictor,
+        evaluate_predictors,
+        load_manifest,
+        load_predictors,
+        plot_evaluation,
+    )
 
     if alpha is not None and not 0.0 < alpha < 1.0:
         fail(f"--alpha must lie in (0, 1), got {alpha}")
@@ -216,7 +220,8 @@ def evaluate_cmd(
                    "tolerance": cfg.get("tolerance"), "method": cfg.get("method"),
                    "allocator": cfg.get("allocator")})
     out_dir.mkdir(parents=True, exist_ok=True)
-    png = plot_evaluation(held, report, out_dir / "calibration_eval.png", float(cfg.get("tolerance", 0.95)))
+    tau = float(cfg.get("tolerance", defaults.TOLERANCE))
+    png = plot_evaluation(held, report, out_dir / "calibration_eval.png", tau)
     (out_dir / "calibration_eval.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
     if as_json:
         emit_json(_strip(report))

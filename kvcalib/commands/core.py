@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 from tqdm import tqdm
 
+from kvcalib.calib import defaults
 from kvcalib.commands.common import console, emit_json, fail, friendly_errors, load_engine
 
 eval_app = typer.Typer(no_args_is_help=True, help="Evaluate methods on synthetic tasks.")
@@ -41,11 +42,11 @@ def _decode_policy(name: str | None, budget: int | None, recent: int | None):
 def generate(
     context: Annotated[Path, typer.Argument(help="Text file holding the context (UTF-8).", exists=False)],
     question: Annotated[str, typer.Argument(help="Question asked after the compressed context.")],
-    method: MethodOpt = "compactor",
+    method: MethodOpt = defaults.METHOD,
     ratio: RatioOpt = None,
     tokens: TokensOpt = None,
-    allocator: AllocOpt = "uniform",
-    model: ModelOpt = "smollm2-135m",
+    allocator: AllocOpt = defaults.ALLOCATOR,
+    model: ModelOpt = defaults.MODEL,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 48,
     decode_policy: Annotated[Optional[str], typer.Option(help="Generation-time cache policy, e.g. morphkv.")] = None,
     decode_budget: Annotated[Optional[int], typer.Option(help="Cache size C of the decode policy.")] = None,
@@ -53,7 +54,7 @@ def generate(
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON report.")] = False,
 ):
     """Compress CONTEXT's KV cache with METHOD at RATIO and answer QUESTION from the compressed cache."""
-    from kvcalib.calib.pipeline import Engine
+    from kvcalib.calib.cache.decode import ReportsDecode
 
     if not context.is_file():
         fail(f"context file {str(context)!r} does not exist")
@@ -67,7 +68,7 @@ def generate(
                   policy=policy)
     if as_json:
         out = res.to_json()
-        if policy is not None and hasattr(policy, "report"):
+        if isinstance(policy, ReportsDecode):
             out["decode_policy"] = policy.report()
         emit_json(out)
     else:
@@ -79,19 +80,18 @@ def generate(
 @eval_app.command("passkey")
 @friendly_errors
 def eval_passkey(
-    method: MethodOpt = "compactor",
+    method: MethodOpt = defaults.METHOD,
     ratio: RatioOpt = None,
     tokens: TokensOpt = None,
-    allocator: AllocOpt = "uniform",
+    allocator: AllocOpt = defaults.ALLOCATOR,
     n: Annotated[int, typer.Option("--n", help="Number of examples.")] = 20,
     seed: Annotated[int, typer.Option(help="Task seed.")] = 0,
     context_tokens: Annotated[int, typer.Option(help="Haystack length in tokens.")] = 1500,
-    model: ModelOpt = "smollm2-135m",
+    model: ModelOpt = defaults.MODEL,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON report.")] = False,
 ):
     """Single-needle passkey retrieval accuracy under query-agnostic compression."""
     from kvcalib.calib.data import synthetic as tasks
-    from kvcalib.calib.pipeline import Engine
 
     if n < 1:
         fail("--n must be at least 1")
@@ -117,8 +117,8 @@ def eval_passkey(
 
 @friendly_errors
 def demo(
-    method: MethodOpt = "compactor",
-    model: ModelOpt = "smollm2-135m",
+    method: MethodOpt = defaults.METHOD,
+    model: ModelOpt = defaults.MODEL,
     serve: Annotated[bool, typer.Option(help="Also calibrate the essay through `kvcalib serve` (embedded).")] = True,
     out_dir: Annotated[Path, typer.Option(help="Where the demo writes its curve plot.")] = Path("kvcalib-demo"),
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON report.")] = False,
@@ -127,7 +127,6 @@ def demo(
     and answer from each compressed cache; then calibrate the essay through the embedded service."""
     from kvcalib.calib.budget import Budget
     from kvcalib.calib.data.documents import PACKAGE_DATA
-    from kvcalib.calib.pipeline import Engine
     from kvcalib.calib.data.synthetic import insert_at_depth
 
     essay = (PACKAGE_DATA / "hubs.txt").read_text(encoding="utf-8")

@@ -142,7 +142,7 @@ def db_current(
 # ---------------------------------------------------------------------------------------------------- batch
 def read_corpus(path: Path) -> list[dict]:
     """A folder of .txt files (one document each, source = file name) or a JSONL file."""
-    from kvcalib.service.core import decode_utf8, parse_jsonl
+    from kvcalib.service import decode_utf8, parse_jsonl
 
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix in (".txt", ".md") and p.is_file())
@@ -231,8 +231,10 @@ def _batch_via_api(api, token, docs, params, wait, poll, quiet) -> dict:
 
 
 def _batch_direct(docs, params, wait, poll, quiet) -> dict:
+    from dataclasses import asdict
+
+    from kvcalib.service import DocumentInput, Service
     from kvcalib.service.db import prepare
-    from kvcalib.service.core import DocumentInput, Service
     from kvcalib.settings import get_settings
 
     s = get_settings()
@@ -253,10 +255,10 @@ def _batch_direct(docs, params, wait, poll, quiet) -> dict:
     try:
         p = service.params(params["model"], params["method"], params["allocator"], params["tolerance"],
                            params["options"])
-        b = service.submit_batch([DocumentInput(**d) for d in docs], p)
+        b = asdict(service.submit_batch([DocumentInput(**d) for d in docs], p))
         if not wait:
             return json.loads(json.dumps({k: v for k, v in b.items() if k != "items"}, default=str))
-        final = _progress_loop(lambda: service.batch(b["id"], items=False), b["total"], poll, quiet)
+        final = _progress_loop(lambda: asdict(service.batch(b["id"], items=False)), b["total"], poll, quiet)
         return json.loads(json.dumps(final, default=str))
     finally:
         dispatcher.close(wait=False)

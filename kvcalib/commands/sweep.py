@@ -19,8 +19,10 @@ sweep_app = typer.Typer(no_args_is_help=True, help="Optuna sweeps of a method's 
 StudyOpt = Annotated[Optional[str], typer.Option("--study", help="Full study name (overrides the derived "
                                                                  "kvcalib:<model>:<method>:<allocator>[:<suffix>]).")]
 SuffixOpt = Annotated[Optional[str], typer.Option("--suffix", help="Suffix of the derived study name.")]
-MethodOpt = Annotated[Optional[str], typer.Option("--method", "-m", help="Scoring method (default compactor).")]
-AllocOpt = Annotated[Optional[str], typer.Option("--allocator", "-a", help="Allocator (default uniform).")]
+MethodOpt = Annotated[Optional[str], typer.Option("--method", "-m", help="Scoring method (default: "
+                                                                     "KVCALIB_DEFAULT_METHOD, compactor).")]
+AllocOpt = Annotated[Optional[str], typer.Option("--allocator", "-a", help="Allocator (default: "
+                                                                         "KVCALIB_DEFAULT_ALLOCATOR, adakv).")]
 ModelOpt = Annotated[Optional[str], typer.Option("--model", help="Registry model (default: KVCALIB_DEFAULT_MODEL).")]
 DbOpt = Annotated[Optional[str], typer.Option("--database-url", help="Storage (default KVCALIB_DATABASE_URL / the "
                                                                     "embedded SQLite file).")]
@@ -34,20 +36,20 @@ def _settings(**overrides):
 
 
 def _storage(s, heartbeat: bool = True):
-    from kvcalib.sweep import make_storage
+    from kvcalib.sweep.storage import make_storage
 
-    return make_storage(s.db_url, heartbeat=heartbeat)
+    return make_storage(s.db_url, heartbeat=heartbeat, settings=s)
 
 
 def _name(study: str | None, model: str | None, method: str | None, allocator: str | None, suffix: str | None,
           s) -> str:
-    from kvcalib.sweep import study_name
+    from kvcalib.sweep.spec import study_name
 
     if study:
         if suffix:
             fail("give either --study or --suffix, not both")
         return study
-    return study_name(model or s.default_model, method or "compactor", allocator or "uniform", suffix)
+    return study_name(model or s.default_model, method or s.default_method, allocator or s.default_allocator, suffix)
 
 
 def _ratios(text: str | None) -> tuple[float, ...] | None:
@@ -122,11 +124,12 @@ def run(
     if name not in existing:
         from kvcalib.service.runtime import model_info
 
-        sw.search_space(method or "compactor", allocator or "uniform")  # fail before reading the corpus
+        mth, alloc = method or s.default_method, allocator or s.default_allocator
+        sw.search_space(mth, alloc)  # fail before reading the corpus
         mdl = model or s.default_model
         tok = model_info(mdl).tokenizer
         docs = sw.load_corpus(corpus, tokenizer=tok, min_tokens=lo, max_tokens=hi, max_docs=max_docs)
-        spec = sw.SweepSpec(model=mdl, method=method or "compactor", allocator=allocator or "uniform",
+        spec = sw.SweepSpec(model=mdl, method=mth, allocator=alloc,
                             documents=docs, population_size=population,
                             tolerance=s.default_tolerance if tolerance is None else tolerance,
                             corpus_source=str(corpus) if corpus else "essays",

@@ -6,6 +6,7 @@ import contextlib
 import functools
 import threading
 from collections.abc import Iterator
+from importlib import resources
 from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, event
@@ -14,9 +15,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from kvcalib.calib.errors import KvcalibError
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-MIGRATIONS_DIR = REPO_ROOT / "migrations"
-ALEMBIC_INI = REPO_ROOT / "alembic.ini"
+# The migrations are the package ``kvcalib.migrations`` (``migrations/`` in a checkout): a real folder in both a
+# checkout and an installed wheel (setuptools installs packages unzipped), which is what Alembic needs.
+MIGRATIONS_DIR = Path(str(resources.files("kvcalib.migrations")))
 VERSION_TABLE = "kvcalib_alembic_version"  # not `alembic_version`: Optuna's RDB storage owns that one
 
 
@@ -83,8 +84,9 @@ class Database:
 def alembic_config(url: str):
     from alembic.config import Config
 
-    cfg = Config(str(ALEMBIC_INI)) if ALEMBIC_INI.exists() else Config()
+    cfg = Config()  # no alembic.ini: it is a checkout's convenience for `alembic upgrade head`, absent in a wheel
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    cfg.set_main_option("path_separator", "os")
     cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     cfg.attributes["kvcalib_url"] = url
     return cfg

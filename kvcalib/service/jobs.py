@@ -1,15 +1,19 @@
 """Job execution, shared by the Celery task and the embedded (in-process) executor.
 
-``execute_run(db, run_id, load_engine, max_attempts)`` is the whole job and is idempotent by construction:
+``execute_run(db, run_id, load_engine, max_attempts, leases=...)`` is the whole job, idempotent by construction:
 
-1. a run that already has its profile is "already done" — a redelivered message writes nothing;
-2. the run is claimed (status ``running``, ``attempts`` + 1) and calibrated with progress written to its row;
+1. a run that already has its profile is "already done" — a redelivered message writes nothing; a failed run stays
+   failed (resubmission or ``retry`` queue it again);
+2. the run is claimed under a lease (``kvcalib.service.leases``: status ``running``, ``attempts`` + 1, one
+   conditional UPDATE); a live lease of another execution makes this one return ``busy`` without computing. While it
+   calibrates, a heartbeat renews the lease and progress is written to the row;
 3. the curve points, the profile and the ``succeeded`` status are written in ONE transaction guarded by the unique
    constraints (profile per run, curve point per (run, ratio)); a concurrent duplicate loses the race silently.
 
-A crash between 2 and 3 leaves a ``running`` row and no profile; the broker redelivers the message (``acks_late``,
-visibility timeout) and the run is simply calibrated again. Input errors (``KvcalibError``) fail the run at once;
-other errors ask for a retry until ``max_attempts`` is reached.
+A crash between 2 and 3 leaves a ``running`` row whose lease stops being renewed; once it expired the sweeper
+(``kvcalib.service.sweeper``) dispatches the run again, as it does a queued run whose message was lost. Input
+errors (``KvcalibError``) fail the run at once; other errors ask for a retry until ``max_attempts`` attempts were made
+(``attempts`` counts claims: the first attempt is 1, ``JOB_MAX_RETRIES=r`` allows ``r + 1``).
 """
 
 from __future__ import annotations
@@ -18,21 +22,25 @@ import logging
 import threading
 import time
 import traceback
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from kvcalib.calib.errors import KvcalibError
 from kvcalib.service import repository as repo
 from kvcalib.service.db import Database
+from kvcalib.service.leases import Heartbeat, LeaseLost, LeasePolicy, claim, is_live, new_owner, release
 from kvcalib.service.orm import RunStatus, utcnow
+
+if TYPE_CHECKING:
+    from kvcalib.service.runtime import EngineLoader
 
 log = logging.getLogger("kvcalib.jobs")
 
 
 @dataclass
 class Outcome:
-    status: str  # succeeded | already-done | failed | retry | missing
+    status: str  # succeeded | already-done | failed | retry | missing | busy (live lease elsewhere) | lost (lease)
     run_id: int
     profile_id: int | None = None
     error: str | None = None
@@ -49,98 +57,113 @@ def token_budget_of(ratio: float, context_tokens: int) -> int:
 
 
 class _Progress:
-    """Throttled progress writer (at most one UPDATE per ``interval`` seconds, errors never abort the job)."""
+    """Throttled progress writer (at most one UPDATE per ``interval`` seconds, errors never abort the job); raises
+    ``LeaseLost`` as soon as the heartbeat found the lease taken over."""
 
-    def __init__(self, db: Database, run_id: int, interval: float = 0.5):
-        self.db, self.run_id, self.interval = db, run_id, interval
+    def __init__(self, db: Database, run_id: int, heartbeat: Heartbeat, interval: float = 0.5):
+        self.db, self.run_id, self.heartbeat, self.interval = db, run_id, heartbeat, interval
         self.last = 0.0
 
     def __call__(self, fraction: float, message: str = "") -> None:
+        self.heartbeat.check()
         now = time.monotonic()
         if now - self.last < self.interval and fraction < 1.0:
             return
         self.last = now
         try:
             with self.db.session() as s:
-                repo.set_run(s, self.run_id, progress=max(0.0, min(0.99, float(fraction))),
+                repo.set_run(s, run_id=self.run_id, progress=max(0.0, min(0.99, float(fraction))),
                              message=(message or "calibrating")[:500])
         except Exception:  # noqa: BLE001 - progress is best effort
             log.warning("progress update of run %s failed", self.run_id, exc_info=True)
 
 
-def execute_run(db: Database, run_id: int, load_engine: Callable[[str], object], max_attempts: int = 4,
-                task_id: str | None = None) -> Outcome:
+def execute_run(db: Database, run_id: int, load_engine: EngineLoader, max_attempts: int = 4,
+                task_id: str | None = None, leases: LeasePolicy | None = None) -> Outcome:
     from kvcalib.calib.calibration.calibrate import CalibrationConfig, calibrate
 
+    policy = leases or LeasePolicy()
+    owner = new_owner()
     # ---- 1. already done? claim
     with db.session() as s:
-        run = repo.get_run(s, run_id)
+        run = repo.get_run(s, run_id=run_id)
         if run is None:
             return Outcome("missing", run_id, error="no such run")
-        prof = repo.profile_for_run(s, run_id)
+        prof = repo.profile_for_run(s, run_id=run_id)
         if prof is not None:
             if run.status != RunStatus.succeeded.value:
-                repo.set_run(s, run_id, status=RunStatus.succeeded.value, progress=1.0, message="done",
-                             finished_at=run.finished_at or utcnow())
+                release(s, run_id=run_id, owner=None, status=RunStatus.succeeded.value, progress=1.0,
+                        message="done", finished_at=run.finished_at or utcnow())
             return Outcome("already-done", run_id, profile_id=prof.id)
+        if run.status == RunStatus.failed.value:
+            return Outcome("failed", run_id, error=run.error or "failed")
+        if is_live(run):
+            log.info("run %s is held by %s: this delivery does nothing", run_id, run.lease_owner)
+            return Outcome("busy", run_id, error=f"held by {run.lease_owner}")
         if run.attempts >= max_attempts:
-            repo.set_run(s, run_id, status=RunStatus.failed.value, finished_at=utcnow(),
-                         message="failed", error=(run.error or "") + f"\ngave up after {run.attempts} attempts")
+            release(s, run_id=run_id, owner=None, status=RunStatus.failed.value, finished_at=utcnow(),
+                    message="failed", error=(run.error or "") + f"\ngave up after {run.attempts} attempts")
             return Outcome("failed", run_id, error=f"gave up after {run.attempts} attempts")
-        repo.set_run(s, run_id, status=RunStatus.running.value, attempts=run.attempts + 1, started_at=utcnow(),
-                     progress=0.0, message="loading model", task_id=task_id or run.task_id)
-        attempts = run.attempts + 1
+        attempt = run.attempts + 1
+        if not claim(s, run_id=run_id, owner=owner, lease_seconds=policy.lease_seconds, attempt=attempt,
+                     task_id=task_id):
+            return Outcome("busy", run_id, error="claimed by another execution")
         text, model_name, revision = run.document.text, run.model.name, run.model.revision
         params = dict(run.params)
 
     # ---- 2. calibrate
     try:
-        config = CalibrationConfig.from_dict(params)
-        engine = load_engine(model_name)
-        got = getattr(getattr(engine, "lm", None), "spec", None)
-        if got is not None and got.revision != revision:
-            raise KvcalibError(f"model {model_name!r} is at revision {got.revision} in this worker but the run "
-                               f"was submitted for revision {revision}")
-        result = calibrate(engine, text, config, progress=_Progress(db, run_id))
+        with Heartbeat(db, run_id, owner, policy) as heartbeat:
+            config = CalibrationConfig.from_dict(params)
+            engine = load_engine(model_name)
+            heartbeat.check()
+            got = engine.lm.spec.revision
+            if got != revision:
+                raise KvcalibError(f"model {model_name!r} is at revision {got} in this worker but the run "
+                                   f"was submitted for revision {revision}")
+            result = calibrate(engine, text, config, progress=_Progress(db, run_id, heartbeat))
+    except LeaseLost as exc:
+        return Outcome("lost", run_id, error=str(exc))
     except KvcalibError as exc:
-        _fail(db, run_id, f"{type(exc).__name__}: {exc}")
-        return Outcome("failed", run_id, error=str(exc))
+        return _fail(db, run_id, owner, f"{type(exc).__name__}: {exc}", str(exc))
     except (ValueError, TypeError, ZeroDivisionError, IndexError) as exc:
         if params.get("method_params"):  # caller-chosen hyperparameters broke the method: retrying cannot help
-            _fail(db, run_id, f"calibration failed with the given method_params: {type(exc).__name__}: {exc}")
-            return Outcome("failed", run_id, error=str(exc))
-        return _transient(db, run_id, exc, attempts, max_attempts)
+            return _fail(db, run_id, owner, f"calibration failed with the given method_params: "
+                                            f"{type(exc).__name__}: {exc}", str(exc))
+        return _transient(db, run_id, owner, exc, attempt, max_attempts)
     except Exception as exc:  # noqa: BLE001 - transient (OOM, CUDA, DB hiccup…): retry
-        return _transient(db, run_id, exc, attempts, max_attempts)
+        return _transient(db, run_id, owner, exc, attempt, max_attempts)
 
-    # ---- 3. store exactly once
+    # ---- 3. store exactly once (even if the lease was lost meanwhile: the result is the same)
     with db.session() as s:
-        run = repo.get_run(s, run_id)
-        profile, written = repo.save_result(s, run, result, token_budget_of(result.r_star, result.context_tokens))
+        run = repo.get_run(s, run_id=run_id)
+        profile, written = repo.save_result(s, run=run, result=result,
+                                            token_budget=token_budget_of(result.r_star, result.context_tokens))
         if run.document.token_count is None:
             run.document.token_count = int(result.context_tokens)
-        repo.set_run(s, run_id, status=RunStatus.succeeded.value, progress=1.0, error=None,
-                     message="done" if written else "done (by another delivery)", finished_at=utcnow())
+        release(s, run_id=run_id, owner=None, status=RunStatus.succeeded.value, progress=1.0, error=None,
+                message="done" if written else "done (by another delivery)", finished_at=utcnow())
         profile_id = profile.id
     return Outcome("succeeded" if written else "already-done", run_id, profile_id=profile_id)
 
 
-def _transient(db: Database, run_id: int, exc: BaseException, attempts: int, max_attempts: int) -> Outcome:
+def _transient(db: Database, run_id: int, owner: str, exc: BaseException, attempt: int,
+               max_attempts: int) -> Outcome:
     err = f"{type(exc).__name__}: {exc}"
-    log.warning("run %s attempt %s failed: %s", run_id, attempts, err)
-    if attempts >= max_attempts:
-        _fail(db, run_id, err + "\n" + "".join(traceback.format_exception(exc, limit=5)))
-        return Outcome("failed", run_id, error=err)
+    log.warning("run %s attempt %s/%s failed: %s", run_id, attempt, max_attempts, err)
+    if attempt >= max_attempts:
+        return _fail(db, run_id, owner, err + "\n" + "".join(traceback.format_exception(exc, limit=5)), err)
     with db.session() as s:
-        repo.set_run(s, run_id, status=RunStatus.queued.value, error=err,
-                     message=f"retrying after attempt {attempts}/{max_attempts}")
-    return Outcome("retry", run_id, error=err)
+        held = release(s, run_id=run_id, owner=owner, status=RunStatus.queued.value, error=err,
+                       message=f"retrying after attempt {attempt}/{max_attempts}", dispatched_at=utcnow())
+    return Outcome("retry" if held else "lost", run_id, error=err)
 
 
-def _fail(db: Database, run_id: int, error: str) -> None:
+def _fail(db: Database, run_id: int, owner: str, error: str, short: str) -> Outcome:
     with db.session() as s:
-        repo.set_run(s, run_id, status=RunStatus.failed.value, error=error[:10_000], message="failed",
-                     finished_at=utcnow())
+        held = release(s, run_id=run_id, owner=owner, status=RunStatus.failed.value, error=error[:10_000],
+                       message="failed", finished_at=utcnow())
+    return Outcome("failed" if held else "lost", run_id, error=short)
 
 
 def backoff_seconds(attempt: int, base: float) -> float:
@@ -148,15 +171,22 @@ def backoff_seconds(attempt: int, base: float) -> float:
 
 
 # ---------------------------------------------------------------------------------------------------- dispatchers
+def task_id(run_id: int) -> str:
+    """The in-process executor's task id of a run."""
+    return f"inproc-{run_id}"
+
+
 class InProcessDispatcher:
-    """The embedded executor: a thread pool in the API process runs ``execute_run`` (retries with backoff)."""
+    """The embedded executor: a thread pool in the API process runs ``execute_run`` (retries with backoff).
+    Its "messages" are the runs waiting or running in this process (``outstanding``), which the sweeper reads."""
 
     kind = "in-process"
 
-    def __init__(self, db: Database, load_engine: Callable[[str], object], workers: int = 1, max_attempts: int = 4,
-                 backoff: float = 2.0):
+    def __init__(self, db: Database, load_engine: EngineLoader, workers: int = 1, max_attempts: int = 4,
+                 backoff: float = 2.0, leases: LeasePolicy | None = None):
         self.db, self.load_engine = db, load_engine
         self.max_attempts, self.backoff = max_attempts, backoff
+        self.leases = leases or LeasePolicy()
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kvcalib-job")
         self._pending: set[int] = set()
         self._lock = threading.Lock()
@@ -172,10 +202,15 @@ class InProcessDispatcher:
         self.check()
         with self._lock:
             if run_id in self._pending:  # already waiting in this process: do not queue it twice
-                return f"inproc-{run_id}"
+                return task_id(run_id)
             self._pending.add(run_id)
         self.pool.submit(self._run, run_id)
-        return f"inproc-{run_id}"
+        return task_id(run_id)
+
+    def outstanding(self) -> set[str]:
+        """Task ids of the runs this process still holds (waiting, running or between retries)."""
+        with self._lock:
+            return {task_id(r) for r in self._pending}
 
     def _run(self, run_id: int) -> None:
         try:
@@ -183,7 +218,8 @@ class InProcessDispatcher:
                 if self._closed:
                     return
                 try:
-                    out = execute_run(self.db, run_id, self.load_engine, self.max_attempts, f"inproc-{run_id}")
+                    out = execute_run(self.db, run_id, self.load_engine, self.max_attempts, task_id(run_id),
+                                      leases=self.leases)
                 except Exception:  # noqa: BLE001 - DB down: wait and try again
                     log.exception("in-process run %s crashed", run_id)
                     out = Outcome("retry", run_id)

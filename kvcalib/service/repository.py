@@ -9,18 +9,34 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
-from sqlalchemy import func, select, update
+from sqlalchemy import Connection, func, select, update
 from sqlalchemy.orm import Session
 
-from kvcalib.service.orm import (Batch, BatchItem, CalibrationRun, CurvePoint, Document, Model, Predictor,
-                                        Profile, RunStatus, utcnow)
+from kvcalib.service.orm import (Batch, BatchItem, CalibrationRun, CurvePoint, Document, Model, Predictor, Profile,
+                                 RunStatus, utcnow)
+from kvcalib.service.views import BudgetView
 
 TOLERANCE_EPS = 1e-6
 
 
-def insert_ignore(s: Session, model: type, values: dict | list[dict], conflict: Sequence[str]) -> int:
+class CalibrationOutcome(Protocol):
+    """What ``save_result`` stores of a ``kvcalib.calib.calibration.calibrate.CalibrationResult``."""
+
+    ratios: Sequence[float]
+    fidelity: Sequence[float]
+    kl: Sequence[float] | None
+    r_star: float
+    context_tokens: int
+    monotone: bool
+    layer_budgets: Sequence[int]  # (L,)
+    head_budgets: Sequence[Sequence[int]]  # (L, Hkv)
+    features: dict[str, Any] | None
+    seconds: float | None
+
+
+def insert_ignore(s: Session, *, table: type, values: dict | list[dict], conflict: Sequence[str]) -> int:
     """``INSERT … ON CONFLICT (conflict) DO NOTHING`` for PostgreSQL and SQLite; returns the rows inserted."""
     dialect = s.get_bind().dialect.name
     if dialect == "postgresql":
@@ -29,39 +45,40 @@ def insert_ignore(s: Session, model: type, values: dict | list[dict], conflict: 
         from sqlalchemy.dialects.sqlite import insert
     else:  # pragma: no cover - other databases: plain insert, the unique constraint still protects
         from sqlalchemy import insert
-        return s.connection().execute(insert(model), values if isinstance(values, list) else [values]).rowcount
-    stmt = (insert(model).values(values).on_conflict_do_nothing(index_elements=list(conflict))
-            .returning(model.__table__.c.id))  # rowcount is unreliable with implicit RETURNING: count the rows
+        return s.connection().execute(insert(table), values if isinstance(values, list) else [values]).rowcount
+    stmt = (insert(table).values(values).on_conflict_do_nothing(index_elements=list(conflict))
+            .returning(table.__table__.c.id))  # rowcount is unreliable with implicit RETURNING: count the rows
     return len(s.connection().execute(stmt).all())
 
 
 # ---------------------------------------------------------------------------------------------------- models, docs
-def get_or_create_model(s: Session, name: str, revision: str) -> Model:
-    insert_ignore(s, Model, {"name": name, "revision": revision, "created_at": utcnow()}, ["name", "revision"])
+def get_or_create_model(s: Session, *, name: str, revision: str) -> Model:
+    insert_ignore(s, table=Model, values={"name": name, "revision": revision, "created_at": utcnow()},
+                  conflict=["name", "revision"])
     return s.scalars(select(Model).where(Model.name == name, Model.revision == revision)).one()
 
 
-def get_or_create_document(s: Session, text: str, content_hash: str, source: str | None = None,
+def get_or_create_document(s: Session, *, text: str, content_hash: str, source: str | None = None,
                            token_count: int | None = None) -> Document:
-    insert_ignore(s, Document, {"content_hash": content_hash, "n_bytes": len(text.encode("utf-8")), "text": text,
-                                "source": source, "token_count": token_count, "created_at": utcnow()},
-                  ["content_hash"])
+    insert_ignore(s, table=Document, values={
+        "content_hash": content_hash, "n_bytes": len(text.encode("utf-8")), "text": text, "source": source,
+        "token_count": token_count, "created_at": utcnow()}, conflict=["content_hash"])
     doc = s.scalars(select(Document).where(Document.content_hash == content_hash)).one()
     if doc.token_count is None and token_count is not None:
         doc.token_count = token_count
     return doc
 
 
-def get_document(s: Session, document_id: int) -> Document | None:
+def get_document(s: Session, *, document_id: int) -> Document | None:
     return s.get(Document, document_id)
 
 
-def get_document_by_hash(s: Session, content_hash: str) -> Document | None:
+def get_document_by_hash(s: Session, *, content_hash: str) -> Document | None:
     return s.scalars(select(Document).where(Document.content_hash == content_hash)).one_or_none()
 
 
 # ---------------------------------------------------------------------------------------------------- runs (jobs)
-def get_or_create_run(s: Session, document: Document, model: Model, params: dict, params_hash: str, method: str,
+def get_or_create_run(s: Session, *, document: Document, model: Model, params: dict, params_hash: str, method: str,
                       allocator: str, tolerance: float) -> tuple[CalibrationRun, bool]:
     """The run of (document, model, params hash); ``created`` tells whether this call inserted it."""
     key = (CalibrationRun.document_id == document.id, CalibrationRun.model_id == model.id,
@@ -70,25 +87,25 @@ def get_or_create_run(s: Session, document: Document, model: Model, params: dict
     if run is not None:
         return run, False
     now = utcnow()
-    inserted = insert_ignore(s, CalibrationRun, {
+    inserted = insert_ignore(s, table=CalibrationRun, values={
         "document_id": document.id, "model_id": model.id, "params_hash": params_hash, "params": params,
         "method": method, "allocator": allocator, "tolerance": tolerance, "status": RunStatus.queued.value,
         "progress": 0.0, "attempts": 0, "created_at": now, "updated_at": now, "message": "queued",
-    }, ["document_id", "model_id", "params_hash"])
+    }, conflict=["document_id", "model_id", "params_hash"])
     run = s.scalars(select(CalibrationRun).where(*key)).one()
     return run, inserted == 1
 
 
-def get_run(s: Session, run_id: int) -> CalibrationRun | None:
+def get_run(s: Session, *, run_id: int) -> CalibrationRun | None:
     return s.get(CalibrationRun, run_id)
 
 
-def set_run(s: Session, run_id: int, **values: Any) -> None:
+def set_run(s: Session, *, run_id: int, **values: Any) -> None:
     values.setdefault("updated_at", utcnow())
     s.execute(update(CalibrationRun).where(CalibrationRun.id == run_id).values(**values))
 
 
-def requeue_run(s: Session, run: CalibrationRun, reset_attempts: bool = True) -> None:
+def requeue_run(s: Session, *, run: CalibrationRun, reset_attempts: bool = True) -> None:
     run.status = RunStatus.queued.value
     run.progress = 0.0
     run.message = "queued (retry)"
@@ -110,76 +127,76 @@ def run_counts(s: Session) -> dict[str, int]:
     return out
 
 
-def curve_points(s: Session, run_id: int) -> list[CurvePoint]:
+def curve_points(s: Session, *, run_id: int) -> list[CurvePoint]:
     return list(s.scalars(select(CurvePoint).where(CurvePoint.run_id == run_id).order_by(CurvePoint.ratio)))
 
 
 # ---------------------------------------------------------------------------------------------------- profiles
-def profile_for_run(s: Session, run_id: int) -> Profile | None:
+def profile_for_run(s: Session, *, run_id: int) -> Profile | None:
     return s.scalars(select(Profile).where(Profile.run_id == run_id)).one_or_none()
 
 
-def get_profile(s: Session, profile_id: int) -> Profile | None:
+def get_profile(s: Session, *, profile_id: int) -> Profile | None:
     return s.get(Profile, profile_id)
 
 
-def save_result(s: Session, run: CalibrationRun, result, token_budget: int, predictor_version: str | None = None
-                ) -> tuple[Profile, bool]:
+def save_result(s: Session, *, run: CalibrationRun, result: CalibrationOutcome, token_budget: int,
+                predictor_version: str | None = None) -> tuple[Profile, bool]:
     """Store the curve and the profile of a finished run exactly once. Returns (profile, written_now).
 
     Called inside one transaction with the run's status update, so a crash anywhere before the commit leaves
     nothing behind, and a second delivery of the same job finds the profile (or loses the unique-constraint race
     silently) instead of writing it twice."""
-    existing = profile_for_run(s, run.id)
+    existing = profile_for_run(s, run_id=run.id)
     if existing is not None:
         return existing, False
     points = [{"run_id": run.id, "ratio": float(r), "fidelity": float(f),
                "kl": None if k is None else float(k)}
               for r, f, k in zip(result.ratios, result.fidelity, _kl_list(result, len(result.ratios)))]
     if points:
-        insert_ignore(s, CurvePoint, points, ["run_id", "ratio"])
-    insert_ignore(s, Profile, {
+        insert_ignore(s, table=CurvePoint, values=points, conflict=["run_id", "ratio"])
+    insert_ignore(s, table=Profile, values={
         "run_id": run.id, "document_id": run.document_id, "model_id": run.model_id, "method": run.method,
         "allocator": run.allocator, "tolerance": run.tolerance, "r_star": float(result.r_star),
         "token_budget": int(token_budget), "context_tokens": int(result.context_tokens),
         "monotone": bool(result.monotone), "layer_budgets": [int(x) for x in result.layer_budgets],
         "head_budgets": [[int(x) for x in row] for row in result.head_budgets],
-        "features": _jsonable(result.features or {}), "predictor_version": predictor_version,
+        "features": jsonable(result.features or {}), "predictor_version": predictor_version,
         "seconds": float(result.seconds) if result.seconds is not None else None, "created_at": utcnow(),
-    }, ["run_id"])
-    profile = profile_for_run(s, run.id)
+    }, conflict=["run_id"])
+    profile = profile_for_run(s, run_id=run.id)
     return profile, True
 
 
-def _kl_list(result, n: int) -> list:
-    kl = getattr(result, "kl", None)
+def _kl_list(result: CalibrationOutcome, n: int) -> list[float | None]:
+    kl = result.kl
     if kl is None:
         return [None] * n
     kl = list(kl)
     return kl + [None] * (n - len(kl))
 
 
-def _jsonable(obj):
+def jsonable(obj: Any) -> Any:
     """Features may hold numpy/torch scalars; JSON columns need plain Python (NaN/inf → None)."""
     import math
 
     if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
+        return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
+        return [jsonable(v) for v in obj]
     if hasattr(obj, "tolist"):
-        return _jsonable(obj.tolist())
+        return jsonable(obj.tolist())
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, (int, str, bool)) or obj is None:
         return obj
     try:
-        return _jsonable(float(obj))
+        return jsonable(float(obj))
     except (TypeError, ValueError):
         return str(obj)
 
 
-def find_profile(s: Session, content_hash: str, model_name: str, tolerance: float, method: str | None = None,
+def find_profile(s: Session, *, content_hash: str, model_name: str, tolerance: float, method: str | None = None,
                  allocator: str | None = None) -> Profile | None:
     """The newest profile of a document under a model at tolerance τ (optionally a given method/allocator)."""
     q = (select(Profile).join(Document, Profile.document_id == Document.id).join(Model, Profile.model_id == Model.id)
@@ -213,8 +230,8 @@ def _budget_query():
 BUDGET_QUERY = _budget_query()  # built once: the hot path only binds parameters
 
 
-def find_budget(conn, content_hash: str, model_name: str, tolerance: float, method: str | None = None,
-                allocator: str | None = None) -> dict | None:
+def find_budget(conn: Session | Connection, *, content_hash: str, model_name: str, tolerance: float,
+                method: str | None = None, allocator: str | None = None) -> BudgetView | None:
     """The hot path of ``GET /budget``: ``find_profile`` reading only the budget columns (one indexed query).
     ``conn`` is a Session or a Core Connection."""
     row = conn.execute(BUDGET_QUERY, {"content_hash": content_hash, "model": model_name,
@@ -223,19 +240,19 @@ def find_budget(conn, content_hash: str, model_name: str, tolerance: float, meth
     if row is None:
         return None
     (pid, h, model, revision, method_, alloc, tol, r, tb, n, lb, hb, pv) = row
-    return {"source": "profile", "document_hash": h, "model": model, "model_revision": revision, "method": method_,
-            "allocator": alloc, "tolerance": tol, "ratio": r, "token_budget": tb, "context_tokens": n,
-            "layer_budgets": lb, "head_budgets": hb, "profile_id": pid, "predictor_version": pv}
+    return BudgetView(source="profile", document_hash=h, model=model, model_revision=revision, method=method_,
+                      allocator=alloc, tolerance=tol, ratio=r, token_budget=tb, context_tokens=n, layer_budgets=lb,
+                      head_budgets=hb, profile_id=pid, predictor_version=pv)
 
 
-def profile_tolerances(s: Session, content_hash: str, model_name: str) -> list[float]:
+def profile_tolerances(s: Session, *, content_hash: str, model_name: str) -> list[float]:
     q = (select(Profile.tolerance).join(Document, Profile.document_id == Document.id)
          .join(Model, Profile.model_id == Model.id)
          .where(Document.content_hash == content_hash, Model.name == model_name).distinct())
     return sorted({round(t, 6) for t in s.scalars(q)})
 
 
-def stored_r_stars(s: Session, model_name: str, method: str, allocator: str, tolerance: float,
+def stored_r_stars(s: Session, *, model_name: str, method: str, allocator: str, tolerance: float,
                    limit: int = 1000) -> list[float]:
     q = (select(Profile.r_star).join(Model, Profile.model_id == Model.id)
          .where(Model.name == model_name, Profile.method == method, Profile.allocator == allocator,
@@ -244,7 +261,7 @@ def stored_r_stars(s: Session, model_name: str, method: str, allocator: str, tol
     return [float(x) for x in s.scalars(q)]
 
 
-def profiles_of_document(s: Session, content_hash: str, model_name: str) -> list[Profile]:
+def profiles_of_document(s: Session, *, content_hash: str, model_name: str) -> list[Profile]:
     q = (select(Profile).join(Document, Profile.document_id == Document.id).join(Model, Profile.model_id == Model.id)
          .where(Document.content_hash == content_hash, Model.name == model_name))
     return list(s.scalars(q))
@@ -255,7 +272,7 @@ def count_profiles(s: Session) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------- batches
-def create_batch(s: Session, run_ids: Iterable[int], params: dict) -> Batch:
+def create_batch(s: Session, *, run_ids: Iterable[int], params: dict) -> Batch:
     run_ids = list(run_ids)
     batch = Batch(params=params, total=len(run_ids), created_at=utcnow())
     s.add(batch)
@@ -266,11 +283,11 @@ def create_batch(s: Session, run_ids: Iterable[int], params: dict) -> Batch:
     return batch
 
 
-def get_batch(s: Session, batch_id: int) -> Batch | None:
+def get_batch(s: Session, *, batch_id: int) -> Batch | None:
     return s.get(Batch, batch_id)
 
 
-def batch_rows(s: Session, batch_id: int) -> list[tuple[int, int, str, float, str | None, int | None, str]]:
+def batch_rows(s: Session, *, batch_id: int) -> list[tuple[int, int, str, float, str | None, int | None, str]]:
     """(position, run id, status, progress, error, profile id, document hash) of every item, in order."""
     q = (select(BatchItem.position, CalibrationRun.id, CalibrationRun.status, CalibrationRun.progress,
                 CalibrationRun.error, Profile.id, Document.content_hash)
@@ -282,10 +299,11 @@ def batch_rows(s: Session, batch_id: int) -> list[tuple[int, int, str, float, st
 
 
 # ---------------------------------------------------------------------------------------------------- predictors
-def register_predictor(s: Session, version: str, metrics: dict, artefact_path: str | None, kind: str | None = None,
-                       artefact: bytes | None = None) -> Predictor:
-    insert_ignore(s, Predictor, {"version": version, "metrics": _jsonable(metrics), "artefact_path": artefact_path,
-                                 "kind": kind, "artefact": artefact, "created_at": utcnow()}, ["version"])
+def register_predictor(s: Session, *, version: str, metrics: dict, artefact_path: str | None,
+                       kind: str | None = None, artefact: bytes | None = None) -> Predictor:
+    insert_ignore(s, table=Predictor, values={"version": version, "metrics": jsonable(metrics),
+                                              "artefact_path": artefact_path, "kind": kind, "artefact": artefact,
+                                              "created_at": utcnow()}, conflict=["version"])
     return s.scalars(select(Predictor).where(Predictor.version == version)).one()
 
 
@@ -293,5 +311,5 @@ def latest_predictor(s: Session) -> Predictor | None:
     return s.scalars(select(Predictor).order_by(Predictor.created_at.desc(), Predictor.id.desc()).limit(1)).first()
 
 
-def stale_before(seconds: float) -> dt.datetime:
+def stale_before(*, seconds: float) -> dt.datetime:
     return utcnow() - dt.timedelta(seconds=seconds)

@@ -1,13 +1,54 @@
 """Per-process model access for the service: a cheap ``ModelInfo`` (tokenizer, revision, context length — what the
-API needs to validate a document without loading weights) and the full ``Engine``, loaded once per process."""
+API needs to validate a document without loading weights) and the full ``Engine``, loaded once per process.
+
+One ``Engine`` (one model) serves every thread of the process at once — API requests, embedded jobs, a
+``--pool threads`` worker: model calls keep their state per call (``calib.lm.hooks``), so they need no lock here.
+Loading an engine holds its own lock, not the one of ``model_info``: validating a request never waits for weights."""
 
 from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
 from kvcalib.calib.lm.registry import ModelNotFoundError, available_models
+
+if TYPE_CHECKING:
+    from kvcalib.calib.pipeline import Engine
+
+
+class Encoding(Protocol):
+    @property
+    def input_ids(self) -> Sequence[int]: ...
+
+
+class Tokenizer(Protocol):
+    """What the service needs of a Hugging Face tokenizer: token counts of a document."""
+
+    def __call__(self, text: str, *, add_special_tokens: bool = ...) -> Encoding: ...
+
+
+class ModelRevision(Protocol):
+    @property
+    def revision(self) -> str: ...
+
+
+class LoadedModelSpec(Protocol):
+    @property
+    def spec(self) -> ModelRevision: ...
+
+
+class ServiceEngine(Protocol):
+    """What the service needs of ``kvcalib.calib.pipeline.Engine`` itself: the revision of its loaded model (jobs
+    check it against the run's). The engine is otherwise handed to ``calibrate`` / ``predict`` / ``featurize``."""
+
+    @property
+    def lm(self) -> LoadedModelSpec: ...
+
+
+EngineLoader = Callable[[str], ServiceEngine]  # registry model name → its process-wide engine
 
 
 @dataclass
@@ -15,7 +56,7 @@ class ModelInfo:
     name: str
     revision: str
     max_positions: int
-    tokenizer: object
+    tokenizer: Tokenizer
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False).input_ids)
@@ -27,7 +68,8 @@ def _cache_dir():
     return get_settings().cache_dir
 
 
-_LOCK = threading.Lock()
+_LOCK = threading.Lock()  # model infos
+_ENGINE_LOCK = threading.Lock()  # engines
 _INFO: dict[str, ModelInfo] = {}
 
 
@@ -57,16 +99,16 @@ def model_info(name: str) -> ModelInfo:
         return info
 
 
-_ENGINES: dict[tuple[str, str], object] = {}
+_ENGINES: dict[tuple[str, str], Engine] = {}
 
 
-def get_engine(name: str, device: str = "cpu"):
+def get_engine(name: str, device: str = "cpu") -> Engine:
     """The process-wide ``Engine`` of a registry model (weights loaded on first use only)."""
     from kvcalib.calib.pipeline import Engine
 
     check_model_name(name)
     key = (name, device)
-    with _LOCK:
+    with _ENGINE_LOCK:
         eng = _ENGINES.get(key)
         if eng is None:
             eng = _ENGINES[key] = Engine.load(name, device=device, cache_dir=_cache_dir())

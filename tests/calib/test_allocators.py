@@ -143,13 +143,90 @@ def test_lava_budgets_respect_floors_and_caps():
     s = torch.rand(3, H, 10)
     s[0] = torch.zeros(H, 10)
     s[0, 0, 0] = 1.0  # entropy 0: only its floor
-    s[1, :, :-2] = float("inf")  # 8 protected per head: floor of 24
     b = lava_layer_budgets(s, per_head=6)
     assert int(b.sum()) == 3 * H * 6
     assert int(b[0]) == H * 1  # ⌊0.2·6⌋ per head
+    s[1, :, :-2] = float("inf")  # 8 protected per head, on top of the context budget
+    b = lava_layer_budgets(s, per_head=6)
+    assert int(b.sum()) == 3 * H * 6
     assert int(b[1]) >= 24 and int(b.max()) <= H * 10
     keep = lava(s, 6)
     assert bool(keep[torch.isposinf(s)].all())
+
+
+# ---------------------------------------------------------------------------------------------- window on top
+# The reference codes (AdaKV's adaptive SnapKV, MGDDestiny/Lava) handle the budget B per head as w window
+# positions kept on top of a *prefix* (context) budget B − w: AdaKV's floor is ⌊α·(B − w)⌋ context entries per head
+# and LAVa splits only the prefix budget (B − w)·L·H across layers by normalised entropy.
+def windowed_scores(n_layers: int, h: int, n: int, w: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    powers = torch.linspace(0.5, 8.0, n_layers)[:, None, None]  # layers differ in how peaked they are
+    s = torch.rand(n_layers, h, n, generator=gen) ** powers + 0.01
+    s[:, 0] *= 1e-3  # head 0 loses every global comparison
+    s[..., -w:] = float("inf")  # the observation window
+    return s
+
+
+def reference_adakv_layer(prefix: list[list[float]], budget_per_head: int, w: int, alpha: float) -> set:
+    """AdaKV reference for one layer: base = B − w context entries per head on average, floor ⌊α·base⌋ of each
+    head's best prefix positions, the rest of H·base by global score; the last w positions on top."""
+    h, n_prefix = len(prefix), len(prefix[0])
+    base = budget_per_head - w
+    floor = int(base * alpha)
+    kept = set()
+    for hh, row in enumerate(prefix):
+        kept |= {(hh, j) for j in sorted(range(n_prefix), key=lambda j: (-row[j], j))[:floor]}
+    rest = sorted(((-prefix[hh][j], hh, j) for hh in range(h) for j in range(n_prefix) if (hh, j) not in kept))
+    kept |= {(hh, j) for _, hh, j in rest[: h * base - len(kept)]}
+    return kept | {(hh, n_prefix + t) for hh in range(h) for t in range(w)}
+
+
+def test_adakv_floor_counts_context_entries_with_the_window_on_top():
+    n_layers, h, n, w, per_head, alpha = 2, 4, 200, 32, 64, 0.2
+    s = windowed_scores(n_layers, h, n, w, seed=7)
+    keep = adakv(s, per_head, alpha=alpha)
+    floor = int((per_head - w) * alpha)  # 6 context entries, not ⌊0.2·64⌋ = 12 satisfied by the window
+    for l in range(n_layers):
+        context = keep[l, :, :-w].sum(-1)
+        assert int(context.min()) >= floor
+        assert int(context[0]) == floor  # the starved head keeps exactly its floor of context entries
+        got = {(hh, j) for hh, j in keep[l].nonzero().tolist()}
+        assert got == reference_adakv_layer(s[l, :, :-w].tolist(), per_head, w, alpha)
+    masks = adakv_masks(s, [per_head, 40, 20], alpha=alpha)  # the fast path agrees
+    for i, p in enumerate([per_head, 40, 20]):
+        assert torch.equal(masks[i], adakv(s, p, alpha=alpha)), p
+
+
+def test_lava_splits_only_the_prefix_budget_and_adds_the_window():
+    n_layers, h, n, w, per_head, alpha = 3, 4, 300, 32, 64, 0.2
+    s = windowed_scores(n_layers, h, n, w, seed=8)
+    budgets = lava_layer_budgets(s, per_head, alpha=alpha)
+    ent = [naive_entropy(s[l, :, :-w].flatten().tolist()) for l in range(n_layers)]
+    prefix_total = n_layers * h * (per_head - w)
+    want = [e / sum(ent) * prefix_total for e in ent]
+    got = [int(b) - h * w for b in budgets]  # the window, h·w entries per layer, on top
+    assert sum(got) == prefix_total
+    assert max(abs(g - x) for g, x in zip(got, want)) < 1.0
+    keep = lava(s, per_head, alpha=alpha)
+    floor = int((per_head - w) * alpha)
+    assert int(keep[..., :-w].sum(-1).min()) >= floor  # every head keeps its floor of context entries
+    assert bool(keep[..., -w:].all())
+    for l in range(n_layers):  # inside a layer: AdaKV's selection of the layer's prefix budget
+        got_l = {(hh, j) for hh, j in keep[l].nonzero().tolist()}
+        prefix = s[l, :, :-w].tolist()
+        kept = set()
+        for hh, row in enumerate(prefix):
+            kept |= {(hh, j) for j in sorted(range(n - w), key=lambda j: (-row[j], j))[:floor]}
+        rest = sorted((-prefix[hh][j], hh, j) for hh in range(h) for j in range(n - w) if (hh, j) not in kept)
+        kept |= {(hh, j) for _, hh, j in rest[: got[l] - len(kept)]}
+        assert got_l == kept | {(hh, n - w + t) for hh in range(h) for t in range(w)}
+
+
+def test_lava_split_of_the_issue_example():
+    """Entropies 0.46 / 0.98, H = 4, B = 64, w = 32: prefix budgets 82 / 174 (the reference split of 256)."""
+    out = apportion(torch.tensor([0.46, 0.98], dtype=torch.float64), 2 * 4 * (64 - 32), torch.zeros(2),
+                    torch.full((2,), 4 * 300))
+    assert out.tolist() == [82, 174]
 
 
 def test_apportion_exact_and_bounded():

@@ -75,7 +75,7 @@ def test_one_pass_rows_equal_physically_compressed_caches_with_probes_fed_one_by
 def test_one_pass_curve_packs_the_grid(engine, scored):
     cap, scores, head = scored
     probes = _probes(engine, cap, head, with_user=False)
-    c = C.one_pass_curve(engine.lm, cap.keys, cap.values, scores, probes, (0.8, 0.4))
+    c = C.one_pass_curve(engine.lm, cap.keys, cap.values, scores, probes, (0.8, 0.4), "uniform")
     assert c.ratios == [0.4, 0.8] and len(c.fidelity) == len(c.kl) == 2 and len(c.probe_fidelity[0]) == 3
     assert all(0.0 <= f <= 1.0 for f in c.fidelity) and c.kl[1] > c.kl[0] > 0.0
     assert c.kept_fraction[0] == pytest.approx(0.6, abs=0.01) and c.kept_fraction[1] == pytest.approx(0.2, abs=0.01)
@@ -83,7 +83,7 @@ def test_one_pass_curve_packs_the_grid(engine, scored):
 
 def test_packed_forward_leaves_the_cache_unchanged_and_plain_appends_still_work(engine, scored):
     cap, scores, head = scored
-    keep = C.keep_masks(scores, (0.5,))
+    keep = C.keep_masks(scores, (0.5,), "uniform")
     cache = RaggedKVCache.masked(cap.keys, cap.values, keep)
     assert cache.batch_size == 2 and cache.kept_counts()[1].sum() < cache.kept_counts()[0].sum()
     before = (cache.next_position, [l.keys.shape for l in cache.layers])
@@ -221,12 +221,46 @@ def test_config_round_trip_hash_and_validation():
     ({"n_probes": -1}, "n_probes"),
     ({"probe_tokens": 0}, "probe_tokens"),
     ({"method_params": {"nope": 1}}, "unknown parameter"),
+    ({"allocator": "adakv", "allocator_params": {"beta": 1}}, "expected ['alpha']"),
+    ({"allocator": "uniform", "allocator_params": {"alpha": 0.2}}, "unknown parameter"),
+    ({"allocator": "lava", "allocator_params": {"alpha": "0.2"}}, "must be a float"),
+    ({"allocator": "adakv", "allocator_params": {"alpha": True}}, "must be a float"),
+    ({"allocator_params": [0.2]}, "allocator_params must be an object"),
     ({"colour": "red"}, "unknown calibration field"),
 ])
 def test_bad_config_is_a_kvcalib_error_naming_the_choices(d, message):
     with pytest.raises(KvcalibError, match=None) as exc:
         CalibrationConfig.from_dict(d)
     assert message.lower() in str(exc.value).lower()
+
+
+def test_config_allocator_params_hash_and_round_trip():
+    import hashlib
+
+    plain = CalibrationConfig()
+    legacy = {k: v for k, v in plain.to_dict().items() if k != "allocator_params"}  # a config of before the field
+    blob = json.dumps(legacy, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    assert plain.to_dict()["allocator_params"] == {}
+    assert plain.params_hash() == hashlib.sha256(blob.encode("utf-8")).hexdigest()  # stored keys stay valid
+    assert CalibrationConfig.from_dict(legacy) == plain
+    cfg = CalibrationConfig(allocator="adakv", allocator_params={"alpha": 0.4})
+    assert cfg.params_hash() != plain.params_hash()
+    assert cfg.params_hash() != CalibrationConfig(allocator="adakv", allocator_params={"alpha": 0.3}).params_hash()
+    back = CalibrationConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert back == cfg and back.params_hash() == cfg.params_hash()
+
+
+def test_allocator_params_reach_the_allocator(engine, scored):
+    """``budgets_at`` with allocator parameters equals AdaKV applied directly with them (and differs from the
+    default floor when the floor binds)."""
+    from kvcalib.calib.budget import adakv
+
+    _, scores, _ = scored
+    per_head = Budget(ratio=0.8).per_head(scores.shape[-1])
+    for alpha in (0.0, 1.0):
+        _, heads = budgets_at(scores, 0.8, "adakv", alpha=alpha)
+        assert heads == adakv(scores, per_head, alpha=alpha).sum(-1).tolist()  # (L, Hkv)
+    assert budgets_at(scores, 0.8, "adakv", alpha=1.0)[1] != budgets_at(scores, 0.8, "adakv")[1]
 
 
 # ------------------------------------------------------------------------------------------------ API

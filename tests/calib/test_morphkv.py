@@ -124,3 +124,26 @@ def test_cache_stays_constant_over_512_tokens(engine, short_prompt):
     per_entry = 2 * cap.head_dim * cap.keys.element_size() * cap.num_layers * cap.keys.shape[1]
     assert set(rep["bytes"][1:]) == {(budget + 1) * per_entry}  # constant memory
     assert rep["bytes"][0] == cap.num_tokens * per_entry
+
+
+def test_seed_gives_the_first_eviction_r_queries(engine, short_prompt):
+    """The reference seeds the observation window with the last prompt queries: with a question shorter than R,
+    the first eviction still sees R queries — the context's last ones, then the question's."""
+    prompt, cap = short_prompt
+    recent = 32
+    q_len = prompt.question_ids.numel()
+    assert q_len < recent
+    policy = MorphKV(budget=64, recent=recent)
+    cache = RaggedKVCache.from_full(cap.keys, cap.values)
+    policy.seed(cache, cap.queries)
+    policy.begin(cache)
+    seeded = [cache.recent_queries[l].clone() for l in range(cap.num_layers)]
+    for l in range(cap.num_layers):  # exactly the last R context queries
+        torch.testing.assert_close(seeded[l][0], cap.queries[l, :, -recent:])
+    greedy_decode(engine.lm.model, cache, prompt.question_ids, 1, policy=policy, ignore_eos=True)
+    for l in range(cap.num_layers):
+        q = cache.recent_queries[l]
+        assert q.shape[2] == recent
+        # the oldest R − (question) queries are still the context's last ones (the one generated token is not fed)
+        keep = recent - q_len
+        torch.testing.assert_close(q[0, :, :keep], cap.queries[l, :, -keep:])

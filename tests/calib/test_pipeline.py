@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from kvcalib.calib.budget import Budget, allocate, select_topk
+from kvcalib.calib.cache.decode import greedy_decode
 from kvcalib.calib.cache.ragged import RaggedKVCache
 from kvcalib.calib.data.documents import load_essays
-from kvcalib.calib.cache.decode import greedy_decode
 from kvcalib.calib.scorers import get_scorer
 
 
@@ -84,7 +84,7 @@ def test_compressed_cache_equals_masked_full_cache(engine, short_capture):
     """Attention over a physically compressed cache equals attention over the full cache with evicted slots masked."""
     cap = short_capture
     scores = get_scorer("compactor").score(cap)
-    keep = allocate(scores, Budget(ratio=0.6))
+    keep = allocate(scores, Budget(ratio=0.6), "uniform")
     physical = RaggedKVCache.from_mask(cap.keys, cap.values, keep)
     full = RaggedKVCache.from_full(cap.keys, cap.values)
     for layer, m in zip(full.layers, keep):
@@ -135,7 +135,7 @@ def test_budget_arithmetic():
     assert Budget(ratio=0.0).per_head(17) == 17
     assert Budget(tokens=64).per_head(50) == 50
     scores = torch.randn(2, 3, 40)
-    assert allocate(scores, Budget(ratio=0.75)).sum(-1).eq(10).all()
+    assert allocate(scores, Budget(ratio=0.75), "uniform").sum(-1).eq(10).all()
     for bad in (dict(ratio=1.0), dict(ratio=-0.1), dict(tokens=0), dict(), dict(ratio=0.5, tokens=3)):
         with pytest.raises(BudgetError):
             Budget(**bad)
@@ -145,7 +145,7 @@ def test_budget_arithmetic():
 
 def test_protected_positions_survive_compression(short_capture):
     scores = get_scorer("snapkv", window=16).score(short_capture)
-    keep = allocate(scores, Budget(ratio=0.9))
+    keep = allocate(scores, Budget(ratio=0.9), "uniform")
     assert keep[..., -16:].all()
 
 
@@ -156,11 +156,12 @@ def test_engine_runs_end_to_end_on_cuda_with_triton_kernels():
 
     cpu = Engine.load("smollm2-135m")
     gpu = Engine.load("smollm2-135m", device="cuda")
-    text = load_essays()["aord"][:2500] + " The secret passcode for the red door is 31415. " + load_essays()["hubs"][:2500]
+    essays = load_essays()
+    text = essays["aord"][:2500] + " The secret passcode for the red door is 31415. " + essays["hubs"][:2500]
     q = "What is the secret passcode for the red door? Answer with the number only."
     for method in ("compactor", "snapkv"):
-        a = cpu.run(text, q, method=method, budget=Budget(ratio=0.5), max_new_tokens=16)
-        b = gpu.run(text, q, method=method, budget=Budget(ratio=0.5), max_new_tokens=16)
+        a = cpu.run(text, q, method=method, budget=Budget(ratio=0.5), allocator="uniform", max_new_tokens=16)
+        b = gpu.run(text, q, method=method, budget=Budget(ratio=0.5), allocator="uniform", max_new_tokens=16)
         assert a.cache_report["kept_per_layer"] == b.cache_report["kept_per_layer"]
         assert "31415" in b.answer
 
@@ -171,7 +172,7 @@ def test_batched_decoding_equals_row_by_row(engine, short_capture):
 
     cap = short_capture
     q = engine.prompt("x", "What is the essay about? Answer in a few words.").question_ids
-    keeps = torch.stack([allocate(get_scorer(m).score(cap), Budget(ratio=r))
+    keeps = torch.stack([allocate(get_scorer(m).score(cap), Budget(ratio=r), "uniform")
                          for m, r in (("compactor", 0.3), ("snapkv", 0.6), ("keynorm", 0.8))])  # (3, L, H, N)
     batch = greedy_decode_batch(engine.lm.model, RaggedKVCache.from_mask(cap.keys, cap.values, keeps), q, 12,
                                 engine.eos_ids)
@@ -179,3 +180,24 @@ def test_batched_decoding_equals_row_by_row(engine, short_capture):
         one = greedy_decode(engine.lm.model, RaggedKVCache.from_mask(cap.keys, cap.values, keep), q, 12,
                             engine.eos_ids)
         assert ids == one.token_ids
+
+
+def test_engine_run_defaults_to_adakv_from_calib_defaults(engine):
+    """Engine.run's defaults are calib.defaults' (compactor, adakv): every layer keeps exactly Hkv·⌈(1−r)·N⌉
+    entries, spread unevenly over its heads, exactly as ``allocate(..., "adakv")`` of the same scores."""
+    from kvcalib.calib import defaults
+
+    assert (defaults.METHOD, defaults.ALLOCATOR) == ("compactor", "adakv")
+    text = load_essays()["hubs"][:1200]
+    q = "What is the essay about?"
+    res = engine.run(text, q, budget=Budget(ratio=0.5), max_new_tokens=4)
+    assert (res.method, res.allocator) == ("compactor", "adakv")
+    n = res.context_tokens
+    assert res.cache_report["kept_per_layer"] == [3 * -(-n // 2)] * 30
+    cap = engine.capture(engine.prompt(text, q).context_ids)
+    want = allocate(get_scorer("compactor").score(cap, engine.score_context(Budget(ratio=0.5))), Budget(ratio=0.5),
+                    "adakv").sum(-1)  # (L, Hkv)
+    assert res.cache_report["kept_per_head"] == want.tolist()
+    assert len({tuple(row) for row in want.tolist()} - {(-(-n // 2),) * 3}) > 0  # some layer is uneven
+    uniform = engine.run(text, q, budget=Budget(ratio=0.5), allocator="uniform", max_new_tokens=4)
+    assert uniform.allocator == "uniform" and uniform.cache_report["kept_per_head"] == [[-(-n // 2)] * 3] * 30

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 from kvcalib.calib import predictors as P
-from kvcalib.calib.data.corpus import evaluate_predictors, split_labels
+from kvcalib.calib.data.corpus import split_labels
 from kvcalib.calib.errors import KvcalibError
+from kvcalib.calib.predictors import evaluate_predictors
 
 GRID = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95]
 

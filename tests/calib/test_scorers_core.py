@@ -26,10 +26,12 @@ def random_capture(n: int, layers: int = 2, hkv: int = 2, group: int = 3, d: int
 
 
 def naive_pool(row: list[float], k: int, kind: str) -> list[float]:
+    """Stride-1 pooling with k//2 zero padding; the average divides by k (padding counted, as torch's default and
+    the SnapKV / AdaKV / kvpress references)."""
     n, out = len(row), []
     for i in range(n):
         win = [row[j] for j in range(i - k // 2, i + k // 2 + 1) if 0 <= j < n]
-        out.append(max(win) if kind == "max" else sum(win) / len(win))
+        out.append(max(win) if kind == "max" else sum(win) / k)
     return out
 
 
@@ -84,32 +86,50 @@ def naive_chunk_attention(q: torch.Tensor, k: torch.Tensor, chunk: int) -> torch
     return out
 
 
-def naive_compactor(cap: Capture, chunk: int, lam: float, sketch_dim: int) -> torch.Tensor:
+def naive_compactor(cap: Capture, chunk: int, lam: float, sketch_dim: int, exclude: bool = True) -> torch.Tensor:
+    """Compactor as both reference codes compute it: the first 8 and last 4 positions are cut off *first*; the
+    centring, the chunks, the ‖v‖-weighted avg-pool and both layer z-scores run on the N − 12 middle positions, the
+    protected ones are padded back. ``exclude=False``: the same over all N positions, protected ones overwritten."""
     L, hkv, n, d = cap.keys.shape
     group = cap.queries.shape[1] // hkv
     phi = gaussian_sketch(d, sketch_dim, seed=0)
-    out = torch.zeros(L, hkv, n)
+    a0, b0 = (8, n - 4) if exclude else (0, n)
+    m = b0 - a0
+    out = torch.full((L, hkv, n), PROTECTED)
     for l in range(L):
-        att = torch.zeros(hkv, n)
-        lev = torch.zeros(hkv, n)
+        att = torch.zeros(hkv, m)
+        lev = torch.zeros(hkv, m)
         for h in range(hkv):
-            a = sum(naive_chunk_attention(cap.queries[l, qh], cap.keys[l, h], chunk)
+            k, v = cap.keys[l, h, a0:b0], cap.values[l, h, a0:b0]
+            a = sum(naive_chunk_attention(cap.queries[l, qh, a0:b0], k, chunk)
                     for qh in range(h * group, (h + 1) * group)) / group
-            a = a * cap.values[l, h].norm(dim=-1)
+            a = a * v.norm(dim=-1)
             att[h] = torch.tensor(naive_pool(a.tolist(), 3, "avg"))
-            lev[h] = naive_leverage(cap.keys_pre[l, h], phi, 1e-6)
+            lev[h] = naive_leverage(cap.keys_pre[l, h, a0:b0], phi, 1e-6)
         z = lambda x: (x - x.mean()) / x.std()  # noqa: E731  (z-score over all heads and positions of the layer)
-        out[l] = z(att) + lam * z(lev)
+        out[l, :, a0:b0] = z(att) + lam * z(lev)
     out[..., :8] = PROTECTED
     out[..., -4:] = PROTECTED
     return out
 
 
-@pytest.mark.parametrize("n,chunk,lam", [(45, 16, 0.3), (70, 32, 0.5)])
-def test_compactor_matches_naive(n, chunk, lam):
+@pytest.mark.parametrize("n,chunk,lam,exclude", [(45, 16, 0.3, True), (70, 32, 0.5, True), (45, 16, 0.3, False)])
+def test_compactor_matches_naive(n, chunk, lam, exclude):
     cap = random_capture(n, d=16, seed=n)
-    got = get_scorer("compactor", chunk=chunk, blend=lam, sketch_dim=12).score(cap)
-    torch.testing.assert_close(got, naive_compactor(cap, chunk, lam, 12), rtol=1e-3, atol=1e-3)
+    got = get_scorer("compactor", chunk=chunk, blend=lam, sketch_dim=12, exclude_protected=exclude).score(cap)
+    torch.testing.assert_close(got, naive_compactor(cap, chunk, lam, 12, exclude), rtol=1e-3, atol=1e-3)
+
+
+def test_compactor_sinks_do_not_enter_the_z_scores():
+    """A huge outlier at a sink changes nothing of the other positions' scores (the reference slices first)."""
+    cap = random_capture(60, d=16, seed=5)
+    before = get_scorer("compactor", sketch_dim=12).score(cap)
+    cap.values[:, :, 0] *= 1e4
+    cap.keys_pre[:, :, 1] += 50.0
+    after = get_scorer("compactor", sketch_dim=12).score(cap)
+    torch.testing.assert_close(after, before)
+    old = get_scorer("compactor", sketch_dim=12, exclude_protected=False)
+    assert not torch.allclose(old.score(cap)[..., 8:-4], before[..., 8:-4])  # the former behaviour is affected
 
 
 def test_leverage_is_robust_to_rank_deficient_keys():

@@ -143,9 +143,14 @@ def test_obcache_default_is_key_saliency_with_window_32():
 
 # ---------------------------------------------------------------------------------------------- LAVa
 def naive_lava(cap: Capture, w: int) -> list:
+    """The LAVa reference (MGDDestiny/Lava ``LavaKVCluster.calcul_attn_score``): the mean over the window of the
+    attention, max-pooled, times max_k ‖V[k]‖₁ over the *prefix* ``value_states[..., :-window, :]`` of the head,
+    then the max over the GQA group; the window kept."""
+    n = cap.num_tokens
+
     def per_key(vs, att):
-        vmax = max(sum(abs(x) for x in v) for v in vs)
-        return [vmax / w * sum(a[j] for _, a in att if j < len(a)) for j in range(cap.num_tokens)]
+        vmax = max(sum(abs(x) for x in v) for v in vs[: n - w])  # the prefix only
+        return [vmax * sum(a[j] for _, a in att if j < len(a)) / w for j in range(n)]
 
     return naive_window_method(cap, w, "max", per_key)
 
@@ -153,6 +158,7 @@ def naive_lava(cap: Capture, w: int) -> list:
 @pytest.mark.parametrize("n,w", [(37, 8), (61, 32)])
 def test_lava_score_matches_naive(n, w):
     cap = random_capture(n, seed=100 + n)
+    cap.values[:, :, -1] *= 50.0  # the window's largest value rows must not set the value factor
     assert_scores(get_scorer("lava", window=w).score(cap), naive_lava(cap, w))
 
 
@@ -294,3 +300,130 @@ def test_lookahead_runs_through_the_engine(engine, laq_case):
     assert res.method == "lookahead"
     assert abs(res.ratio - 0.5) < 0.01
     assert res.answer.strip()
+
+
+def decode_pseudo_reference(engine, cap, keep, n_tokens: int, eos: set[int]):
+    """The LAQ draft step from the paper, independently: greedy pseudo tokens decoded on the cache compressed by
+    ``keep``; the post-RoPE query of every fed token, every layer, taken from the q projection by forward hooks and
+    rotated by the model's RoPE at its position (N, N + 1, ...). Returns (tokens, queries (L, Hq, m, d))."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from kvcalib.calib.cache.decode import forward_tokens
+    from kvcalib.calib.cache.ragged import RaggedKVCache
+
+    model = engine.lm.model
+    dec = model.get_decoder()
+    n_layers, hq, n, d = cap.queries.shape
+    seen: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]
+    hooks = [layer.self_attn.q_proj.register_forward_hook(
+        lambda _m, _i, out, l=l: seen[l].append(out.detach().view(1, 1, hq, d).transpose(1, 2)))
+        for l, layer in enumerate(dec.layers)]
+    cache = RaggedKVCache.from_mask(cap.keys, cap.values, keep)
+    tokens = []
+    nxt = int(cap.last_logits.argmax())
+    try:
+        with torch.no_grad():
+            for _ in range(n_tokens):
+                if nxt in eos:
+                    break
+                tokens.append(nxt)
+                nxt = int(forward_tokens(model, cache, torch.tensor([[nxt]]))[0].argmax())
+    finally:
+        for h in hooks:
+            h.remove()
+    if not tokens:
+        return tokens, cap.queries.new_zeros(n_layers, hq, 0, d)
+    pos = torch.arange(n, n + len(tokens))[None]
+    cos, sin = dec.rotary_emb(cap.queries.new_zeros(1, len(tokens), 1), pos)
+    out = []
+    for l in range(n_layers):
+        q = torch.cat(seen[l], dim=2)  # (1, Hq, m, d) pre-RoPE
+        q, _ = apply_rotary_pos_emb(q, q, cos, sin)
+        out.append(q[0])
+    return tokens, torch.stack(out)
+
+
+@pytest.mark.parametrize("ratio,allocator", [(0.5, "uniform"), (0.75, "adakv")])
+def test_lookahead_draft_is_snapkv_compressed_at_the_budget_by_the_allocator(engine, laq_case, ratio, allocator):
+    """Every layer's pseudo queries equal those decoded on SnapKV (w = 32, max-pool 7) compressed at the target
+    budget by ``draft_allocator`` — and differ from those of the full cache or of another budget."""
+    _, _, cap, _ = laq_case
+    b = Budget(ratio=ratio)
+    scorer = get_scorer("lookahead", draft_allocator=allocator)
+    scorer.score(cap, engine.score_context(b))
+    info = cap.extras["lookahead"]
+    draft = get_scorer("snapkv", window=32, kernel=7, pooling="max").score(cap)
+    keep = allocate(draft, b, allocator)
+    tokens, q = decode_pseudo_reference(engine, cap, keep, 8, engine.eos_ids)
+    assert info["tokens"] == tokens
+    torch.testing.assert_close(info["queries"].float(), q.float(), rtol=2e-4, atol=2e-4)
+    _, q_full = decode_pseudo_reference(engine, cap, torch.ones_like(keep), len(tokens), set())
+    deep = slice(cap.num_layers // 2, None)
+    assert not torch.allclose(q_full[deep], q[deep], atol=1e-3)  # the test can tell a compressed draft
+
+
+def test_lookahead_stops_at_eos_and_feeds_no_eos(engine, laq_case):
+    _, _, cap, _ = laq_case
+    scorer = get_scorer("lookahead")
+    scorer.score(cap, engine.score_context(Budget(ratio=0.5)))
+    tokens = cap.extras["lookahead"]["tokens"]
+    k = next((i for i in range(1, len(tokens)) if tokens[i] not in tokens[:i]), None)
+    assert k is not None, tokens
+    ctx = ScoreContext(lm=engine.lm, budget=Budget(ratio=0.5), eos_ids={tokens[k]})
+    scorer.score(cap, ctx)
+    info = cap.extras["lookahead"]
+    assert info["tokens"] == tokens[:k]  # stopped before the EOS token, which is not fed
+    assert info["queries"].shape[2] == k
+    ctx0 = ScoreContext(lm=engine.lm, budget=Budget(ratio=0.5), eos_ids={tokens[0]})
+    s0 = scorer.score(cap, ctx0)  # EOS first: no pseudo token, only the last w₂ prompt queries
+    assert cap.extras["lookahead"]["tokens"] == [] and cap.extras["lookahead"]["queries"].shape[2] == 0
+    assert torch.isfinite(s0[..., :-8]).all() and torch.isposinf(s0[..., -8:]).all()
+
+
+def test_lookahead_w2_zero_is_plain_laq(engine, laq_case):
+    """w₂ = 0 (LAQ): the observation set is the pseudo queries alone; all N positions pooled, none protected."""
+    _, _, cap, _ = laq_case
+    scores = get_scorer("lookahead", obs_window=0).score(cap, engine.score_context(Budget(ratio=0.5)))
+    pq = cap.extras["lookahead"]["queries"].double()
+    n_layers, hkv, n, d = cap.keys.shape
+    hq, g = cap.queries.shape[1], cap.group_size
+    assert pq.shape[2] >= 1
+    want = torch.empty(n_layers, hkv, n, dtype=torch.float64)
+    for l in range(n_layers):
+        per_q = []
+        for h in range(hq):
+            k = cap.keys[l, h // g].double()
+            s = sum(torch.softmax(k @ pq[l, h, t] / math.sqrt(d), 0) for t in range(pq.shape[2]))
+            per_q.append(maxpool_prefix(s.tolist(), 0))
+        for kv, x in enumerate(gqa(per_q, "mean", g)):
+            want[l, kv] = torch.tensor(x)
+    assert torch.isfinite(scores).all()
+    assert_scores(scores, want.tolist(), rtol=1e-4)
+
+
+def test_laq_is_an_alias_of_lookahead(engine):
+    from kvcalib.calib.calibration.calibrate import CalibrationConfig
+    from kvcalib.calib.scorers import available_methods, canonical_method
+
+    assert type(get_scorer("laq", obs_window=0)) is type(get_scorer("lookahead"))
+    assert canonical_method("laq") == "lookahead" and "laq" not in available_methods()
+    assert "laq" in available_methods(aliases=True)
+    CalibrationConfig(method="laq").validate()
+    with pytest.raises(KvcalibError, match="expected one of"):
+        get_scorer("laqq")
+
+
+def test_lookahead_calibration_scores_every_ratio(engine, laq_case):
+    """The keep mask of every grid ratio is the allocation of scores taken at that ratio (the draft is compressed
+    at that budget), not of the scores of the grid's median ratio."""
+    from kvcalib.calib.calibration.calibrate import CalibrationConfig, _noop, _prepare
+
+    text, _, _, _ = laq_case
+    cfg = CalibrationConfig(method="lookahead", allocator="uniform", ratios=(0.3, 0.8), n_probes=1)
+    cap, _, scores, keep, _, _ = _prepare(engine, text, cfg, _noop)
+    scorer = get_scorer("lookahead")
+    for i, r in enumerate(cfg.ratios):
+        b = Budget(ratio=r)
+        want = allocate(scorer.score(cap, engine.score_context(b)), b, "uniform")
+        assert torch.equal(keep[i + 1], want), r
+    assert not torch.equal(keep[1], allocate(scores, Budget(ratio=0.3), "uniform"))  # median-ratio scores differ

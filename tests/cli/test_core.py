@@ -22,7 +22,8 @@ def context_file(tmp_path, engine):
 
 def test_generate_json_reports_answer_kept_tokens_bytes_and_timings(context_file):
     res = runner.invoke(app, ["generate", str(context_file), "What is the passcode for the red door?",
-                              "--method", "compactor", "--ratio", "0.5", "--max-new-tokens", "16", "--json"])
+                              "--method", "compactor", "--ratio", "0.5", "--allocator", "uniform",
+                              "--max-new-tokens", "16", "--json"])
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)
     assert "48151" in out["answer"]

@@ -9,10 +9,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from kvcalib.service import ServiceInputError, TooLargeError, parse_jsonl, validate_text
 from kvcalib.service import repository as repo
 from kvcalib.service.db import Database, SchemaError, check_schema, current_revision, head_revision, upgrade
-from kvcalib.service.errors import ServiceInputError, TooLargeError
-from kvcalib.service.core import parse_jsonl, validate_text
 
 from tests.support import clean_pg, pg_url  # noqa: F401  (fixtures)
 
@@ -29,10 +28,11 @@ def seeded_run(db, text="some document", params_hash="p" * 64):
     from kvcalib.calib.data.documents import content_hash
 
     with db.session() as s:
-        model = repo.get_or_create_model(s, "smollm2-135m", "rev1")
-        doc = repo.get_or_create_document(s, text, content_hash(text), "test", 3)
-        run, created = repo.get_or_create_run(s, doc, model, {"tolerance": 0.95}, params_hash, "compactor",
-                                              "uniform", 0.95)
+        model = repo.get_or_create_model(s, name="smollm2-135m", revision="rev1")
+        doc = repo.get_or_create_document(s, text=text, content_hash=content_hash(text), source="test", token_count=3)
+        run, created = repo.get_or_create_run(s, document=doc, model=model, params={"tolerance": 0.95},
+                                              params_hash=params_hash, method="compactor", allocator="uniform",
+                                              tolerance=0.95)
         return run.id, created
 
 
@@ -109,21 +109,23 @@ def test_documents_runs_and_profiles_are_written_once(db):
     again, created2 = seeded_run(db)
     assert created and not created2 and again == run_id
     with db.session() as s:
-        run = repo.get_run(s, run_id)
-        p1, w1 = repo.save_result(s, run, fake_result(), 100)
+        run = repo.get_run(s, run_id=run_id)
+        p1, w1 = repo.save_result(s, run=run, result=fake_result(), token_budget=100)
     with db.session() as s:
-        run = repo.get_run(s, run_id)
-        p2, w2 = repo.save_result(s, run, fake_result(r=0.7), 60)  # a redelivered job
+        run = repo.get_run(s, run_id=run_id)
+        p2, w2 = repo.save_result(s, run=run, result=fake_result(r=0.7), token_budget=60)  # a redelivered job
     assert w1 and not w2 and p1.id == p2.id
     with db.session() as s:
         assert repo.count_profiles(s) == 1
-        assert [c.ratio for c in repo.curve_points(s, run_id)] == [0.3, 0.6, 0.9]
-        p = repo.get_profile(s, p1.id)
+        assert [c.ratio for c in repo.curve_points(s, run_id=run_id)] == [0.3, 0.6, 0.9]
+        p = repo.get_profile(s, profile_id=p1.id)
         assert p.r_star == 0.5 and p.features["nll"] == 2.5 and p.features["nan"] is None
-        view = repo.find_budget(s, p.document.content_hash, "smollm2-135m", 0.95)
-        assert view["ratio"] == 0.5 and view["head_budgets"] == [[100, 100]] * 4
-        assert repo.find_budget(s, p.document.content_hash, "smollm2-135m", 0.9) is None
-        assert repo.profile_tolerances(s, p.document.content_hash, "smollm2-135m") == [0.95]
+        h = p.document.content_hash
+        view = repo.find_budget(s, content_hash=h, model_name="smollm2-135m", tolerance=0.95)
+        assert view.source == "profile" and view.profile_id == p1.id
+        assert view.ratio == 0.5 and view.head_budgets == [[100, 100]] * 4
+        assert repo.find_budget(s, content_hash=h, model_name="smollm2-135m", tolerance=0.9) is None
+        assert repo.profile_tolerances(s, content_hash=h, model_name="smollm2-135m") == [0.95]
 
 
 def test_concurrent_result_writers_store_one_profile(db):
@@ -135,9 +137,9 @@ def test_concurrent_result_writers_store_one_profile(db):
     def write():
         try:
             with db.session() as s:
-                run = repo.get_run(s, run_id)
+                run = repo.get_run(s, run_id=run_id)
                 barrier.wait(5)
-                outcomes.append(repo.save_result(s, run, fake_result(), 100)[1])
+                outcomes.append(repo.save_result(s, run=run, result=fake_result(), token_budget=100)[1])
         except Exception as exc:  # noqa: BLE001
             errors.append(exc)
 
@@ -149,15 +151,15 @@ def test_concurrent_result_writers_store_one_profile(db):
     assert not errors
     with db.session() as s:
         assert repo.count_profiles(s) == 1
-        assert len(repo.curve_points(s, run_id)) == 3
+        assert len(repo.curve_points(s, run_id=run_id)) == 3
 
 
 def test_batches_and_counts(db):
     ids = [seeded_run(db, f"doc {i}", params_hash="q" * 64)[0] for i in range(3)]
     with db.session() as s:
-        b = repo.create_batch(s, ids + ids[:1], {"model": "m"})  # a document twice in one batch
+        b = repo.create_batch(s, run_ids=ids + ids[:1], params={"model": "m"})  # a document twice in one batch
     with db.session() as s:
-        rows = repo.batch_rows(s, b.id)
+        rows = repo.batch_rows(s, batch_id=b.id)
         assert [r[1] for r in rows] == ids + ids[:1]
         assert repo.run_counts(s)["queued"] == 3
 
@@ -185,8 +187,8 @@ def test_parse_jsonl():
 
 # ---------------------------------------------------------------------------------------------------- export
 def test_export_roundtrip_keeps_ragged_layout():
-    from kvcalib.calib.cache.ragged import RaggedKVCache
     from kvcalib.calib.cache.export import ExportFormatError, cache_to_safetensors, load_compressed
+    from kvcalib.calib.cache.ragged import RaggedKVCache
 
     g = torch.Generator().manual_seed(0)
     keys, values = torch.randn(3, 2, 10, 4, generator=g), torch.randn(3, 2, 10, 4, generator=g)

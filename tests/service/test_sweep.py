@@ -1,4 +1,4 @@
-"""Optuna sweeps (calib/sweep.py, worker/sweep_tasks.py, `kvcalib sweep|dashboard`).
+"""Optuna sweeps (kvcalib/sweep/, worker/sweep_tasks.py, `kvcalib sweep|dashboard`, promoted API defaults).
 
 Plumbing tests use a fake evaluator (no model); the end-to-end tests run the real SmolLM2-135M calibration on three
 ~150–200-token documents with a 2-ratio grid, through a real `celery worker` subprocess (Redis + a fresh PostgreSQL
@@ -22,14 +22,16 @@ import pytest
 from typer.testing import CliRunner
 
 from kvcalib import sweep as sw
+from kvcalib.calib import defaults as engine_defaults
 from kvcalib.calib.scorers import SCORERS
+from kvcalib.sweep import storage as sw_storage
+from kvcalib.sweep import trial as sw_trial
 from kvcalib.worker.sweep_tasks import run_with_broker
-
-from tests.support import (WorkerProcess, pg_url, redis_db, service_env, short_documents,  # noqa: F401
-                             wait_for)
+from tests.support import WorkerProcess, pg_url, redis_db, service_env, short_documents, wait_for  # noqa: F401
 
 SWEEP_REDIS_DB = int(os.environ.get("KVCALIB_TEST_SWEEP_REDIS_DB", "12"))  # not the service tests' DB 13
-UNTUNABLE = {"keynorm", "random"}  # no hyperparameters worth sweeping (random's seed is not one)
+# no hyperparameters worth sweeping: the parameter-free methods (keynorm, keydiff, tova, …); random's seed is not one
+UNTUNABLE = {"random"} | {m for m, cls in SCORERS.items() if not cls.param_names()}
 
 
 def fake_evaluate(engine, spec, mp, ap):
@@ -46,6 +48,16 @@ def sqlite_url(tmp_path):
     return f"sqlite:///{tmp_path / 'sweep.db'}"
 
 
+@pytest.fixture()
+def fresh_settings():
+    """``get_settings()`` re-read from the environment during the test (and again after it)."""
+    from kvcalib.settings import get_settings
+
+    get_settings.cache_clear()
+    yield get_settings
+    get_settings.cache_clear()
+
+
 def tiny_spec(**kw):
     base = dict(method="snapkv", allocator="uniform", documents=["one doc", "another doc"], population_size=4)
     base.update(kw)
@@ -59,13 +71,14 @@ def test_search_space_table_covers_methods_with_hyperparameters():
             with pytest.raises(sw.SweepError, match="no search space"):
                 sw.search_space(method)
             continue
-        space = sw.search_space(method)
+        space = sw.search_space(method, "uniform")
         assert space and set(space) <= set(cls.param_names()), method
         defaults = sw.default_params(method, "uniform")
         assert set(defaults) <= set(space)
         for name, value in defaults.items():
             assert space[name].contains(value)
     assert set(sw.search_space("compactor", "adakv")) == {"blend", "sketch_dim", "chunk", "alloc_alpha"}
+    assert sw.search_space("compactor") == sw.search_space("compactor", engine_defaults.ALLOCATOR)  # the API's
     assert sw.split_params({"window": 8, "alloc_alpha": 0.1}) == ({"window": 8}, {"alpha": 0.1})
     with pytest.raises(sw.SweepError, match="unknown allocator"):
         sw.search_space("snapkv", "nope")
@@ -77,6 +90,10 @@ def test_spec_validation_and_round_trip():
     spec = tiny_spec(ratios=(0.6, 0.3, 0.3))
     assert spec.ratios == (0.3, 0.6)
     assert sw.SweepSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+    d = sw.SweepSpec(documents=["d"])  # a sweep tunes what the API serves (calib.defaults)
+    assert (d.model, d.method, d.allocator, d.tolerance, d.ratios) == (
+        engine_defaults.MODEL, engine_defaults.METHOD, engine_defaults.ALLOCATOR, engine_defaults.TOLERANCE,
+        engine_defaults.RATIOS)
     with pytest.raises(sw.SweepError, match="no documents"):
         tiny_spec(documents=[])
     with pytest.raises(sw.SweepError, match="ratios"):
@@ -170,10 +187,27 @@ def test_failed_evaluation_fails_the_trial_and_token_is_idempotent(sqlite_url):
     assert t.state.name == "FAIL" and "no luck" in t.user_attrs["error"]
 
 
-def test_stale_trial_of_a_dead_worker_is_retried_with_the_same_parameters(sqlite_url, monkeypatch):
+def test_heartbeat_settings_come_from_the_service_settings(fresh_settings, monkeypatch):
+    from kvcalib.settings import Settings
+
+    assert sw.heartbeat_settings(Settings(_env_file=None)) == (10, 60)
+    assert sw.heartbeat_settings(Settings(sweep_heartbeat=30, _env_file=None)) == (30, 90)
+    with pytest.raises(sw.SweepError, match="KVCALIB_SWEEP_GRACE"):
+        sw.heartbeat_settings(Settings(sweep_heartbeat=30, sweep_grace=20, _env_file=None))
+    monkeypatch.setenv("KVCALIB_SWEEP_HEARTBEAT", "3")
+    monkeypatch.setenv("KVCALIB_SWEEP_GRACE", "7")
+    monkeypatch.setenv("KVCALIB_SWEEP_CAPTURE_CACHE_MB", "2")
+    fresh_settings.cache_clear()
+    assert sw.heartbeat_settings() == (3, 7)  # the same environment variables as before, through Settings
+    assert sw.CAPTURES.max_bytes == 2 * 2**20
+
+
+def test_stale_trial_of_a_dead_worker_is_retried_with_the_same_parameters(sqlite_url, monkeypatch, fresh_settings):
     monkeypatch.setenv("KVCALIB_SWEEP_HEARTBEAT", "1")
     monkeypatch.setenv("KVCALIB_SWEEP_GRACE", "2")
+    fresh_settings.cache_clear()
     storage = sw.make_storage(sqlite_url)
+    assert storage.get_heartbeat_interval() == 1
     name = sw.study_name("smollm2-135m", "snapkv", "uniform", "stale")
     spec = tiny_spec()
     sw.open_study(spec, name, storage)
@@ -184,7 +218,7 @@ def test_stale_trial_of_a_dead_worker_is_retried_with_the_same_parameters(sqlite
     with pytest.warns(UserWarning):
         dead = study.ask()
     storage.set_trial_system_attr(dead._trial_id, sw.TOKEN_ATTR, "dead")
-    params = {n: d.suggest(dead, n) for n, d in sw.search_space("snapkv").items()}
+    params = {n: d.suggest(dead, n) for n, d in sw.search_space("snapkv", "uniform").items()}
     storage.record_heartbeat(dead._trial_id)
     time.sleep(3.2)
 
@@ -216,7 +250,7 @@ def test_optuna_tables_stay_out_of_alembic(sqlite_url):
     command.check(alembic_config(sqlite_url))  # autogenerate finds no difference (Optuna's tables are ignored)
 
 
-def test_cli_in_process_run_show_list_promote_and_errors(sqlite_url, tmp_path, monkeypatch):
+def test_cli_in_process_run_show_list_promote_and_errors(sqlite_url, tmp_path, monkeypatch, fresh_settings):
     from kvcalib.cli import app
     from kvcalib.settings import get_settings
 
@@ -225,8 +259,8 @@ def test_cli_in_process_run_show_list_promote_and_errors(sqlite_url, tmp_path, m
     monkeypatch.setenv("KVCALIB_DATABASE_URL", sqlite_url)
     monkeypatch.setenv("KVCALIB_DATA_DIR", str(tmp_path / "data"))
     get_settings.cache_clear()
-    monkeypatch.setattr(sw, "evaluate_params", fake_evaluate)
-    monkeypatch.setattr(sw, "_default_engine", lambda model: None)
+    monkeypatch.setattr(sw_trial, "evaluate_params", fake_evaluate)  # the module that runs the trial
+    monkeypatch.setattr(sw_trial, "_default_engine", lambda model: None)
     corpus = tmp_path / "essays"
     corpus.mkdir()
     (corpus / "a.txt").write_text("\n".join(f"Line {i} of a short essay about sweeping." for i in range(60)))
@@ -235,11 +269,12 @@ def test_cli_in_process_run_show_list_promote_and_errors(sqlite_url, tmp_path, m
             "--in-process"]
     res = runner.invoke(app, base + ["--trials", "3"])
     assert res.exit_code == 0, res.output
-    assert "3 trial(s) completed" in res.output and "Pareto front of kvcalib:smollm2-135m:compactor:uniform:cli" in \
-        res.output
+    assert "3 trial(s) completed" in res.output and "Pareto front of kvcalib:smollm2-135m:compactor:adakv:cli" in \
+        res.output  # the service's default allocator
     res = runner.invoke(app, ["sweep", "run", "-m", "compactor", "--suffix", "cli", "--trials", "1", "--in-process",
                               "--tolerance", "0.9"])
-    assert res.exit_code == 2 and "different setup" in res.output and "tolerance" in res.output
+    said = " ".join(res.output.split())  # the console wraps long messages
+    assert res.exit_code == 2 and "different setup" in said and "tolerance" in said
     res = runner.invoke(app, ["sweep", "run", "-m", "compactor", "--suffix", "cli", "--trials", "1", "--in-process",
                               "--json"])
     assert res.exit_code == 0, res.output
@@ -247,12 +282,14 @@ def test_cli_in_process_run_show_list_promote_and_errors(sqlite_url, tmp_path, m
     assert not out["created"] and out["n_trials_total"] == 4 and out["mode"] == "in-process"
 
     res = runner.invoke(app, ["sweep", "list", "--json"])
-    assert [s["study"] for s in json.loads(res.stdout)] == ["kvcalib:smollm2-135m:compactor:uniform:cli"]
+    assert [s["study"] for s in json.loads(res.stdout)] == ["kvcalib:smollm2-135m:compactor:adakv:cli"]
     res = runner.invoke(app, ["sweep", "show", "-m", "compactor", "--suffix", "cli", "--all"])
     assert res.exit_code == 0 and "(defaults)" in res.output and "blend=" in res.output
-    res = runner.invoke(app, ["sweep", "promote", "kvcalib:smollm2-135m:compactor:uniform:cli", "--trial", "0"])
+    res = runner.invoke(app, ["sweep", "promote", "kvcalib:smollm2-135m:compactor:adakv:cli", "--trial", "0"])
     assert res.exit_code == 0 and "promoted trial 0" in res.output
-    assert sw.promoted_params("compactor") == sw.default_params("compactor", "uniform")
+    mp, ap = sw.split_params(sw.default_params("compactor", "adakv"))
+    assert sw.promoted_params("compactor") == mp and sw.promoted_allocator_params("compactor", "adakv") == ap
+    assert sw.promoted_allocator_params("compactor", "lava") == {}  # swept for another allocator
 
     res = runner.invoke(app, ["sweep", "run", "-m", "keynorm", "--trials", "1", "--in-process"])
     assert res.exit_code == 2 and "no search space" in res.output
@@ -283,14 +320,72 @@ def test_evaluate_params_real_calibration_and_capture_cache(engine, tiny_docs, r
     from kvcalib.calib.budget import ALLOCATORS
 
     before = set(ALLOCATORS)
+    cfg = sw.calibration_config(spec, {"window": 16}, {"alpha": 0.2})
+    assert cfg.allocator == "adakv" and cfg.allocator_params == {"alpha": 0.2}  # passed as calibration parameters
     m1 = sw.evaluate_params(engine, spec, {"window": 16}, {"alpha": 0.2})
-    assert set(ALLOCATORS) == before  # the floor-bound allocator was temporary
+    assert set(ALLOCATORS) == before  # no allocator is registered on the side
     misses = sw.CAPTURES.misses
     m2 = sw.evaluate_params(engine, spec, {"window": 16}, {"alpha": 0.2})
     assert sw.CAPTURES.misses == misses and sw.CAPTURES.hits >= 1  # second trial: no prefill
     assert m1.values() == m2.values()  # a cached capture is not altered by scoring/calibrating
     assert 0.0 <= m1.r_star_mean <= 0.6 and 0.0 <= m1.fidelity_loss <= spec.tolerance
     assert len(m1.holdout_fidelity) == 1 and 0.0 <= m1.violation_rate <= 1.0
+
+
+@pytest.mark.slow
+def test_promoted_trial_is_what_the_api_calibrates_with(sqlite_url, tmp_path, engine, tiny_docs, monkeypatch,
+                                                          fresh_settings):
+    """A promoted (model, method) entry supplies the API's method_params and allocator_params when a request gives
+    none; the profile's budgets are those of the promoted parameters (naive reference: score, then AdaKV)."""
+    from fastapi.testclient import TestClient
+
+    from kvcalib.api.app import create_app
+    from kvcalib.calib.budget import Budget, adakv
+    from kvcalib.calib.calibration.calibrate import context_ids
+    from kvcalib.settings import Settings
+
+    storage = sw.make_storage(sqlite_url)
+    name = sw.study_name("smollm2-135m", "compactor", "adakv", "api")
+    sw.open_study(tiny_spec(method="compactor", allocator="adakv"), name, storage)
+    sw.run_inprocess(name, 3, storage=storage, load_engine=lambda m: None, evaluate=fake_evaluate)
+    data = tmp_path / "data"
+    entry = sw.promote(name, trial=2, storage=storage, data_dir=data)  # not the baseline (trial 0: the defaults)
+    mp, ap = entry["method_params"], entry["allocator_params"]
+    assert (mp, ap) != sw.split_params(sw.default_params("compactor", "adakv")) and set(ap) == {"alpha"}
+
+    for k in [k for k in os.environ if k.startswith("KVCALIB_") and k != "KVCALIB_CACHE_DIR"]:
+        monkeypatch.delenv(k)
+    app = create_app(Settings(data_dir=data, _env_file=None), load_engine=lambda _: engine)
+    text = tiny_docs[0]
+    options = {"ratios": [0.3, 0.6], "n_probes": 2}
+    with TestClient(app) as client:
+        def run(extra: dict) -> dict:
+            r = client.post("/calibrate", json={"mode": "full", "text": text, "tolerance": 0.5,
+                                                "options": {**options, **extra}})
+            assert r.status_code in (200, 202), r.text
+            job_id = r.json()["id"]
+
+            def finished():
+                j = client.get(f"/jobs/{job_id}").json()
+                return j if j["status"] in ("succeeded", "failed") else None
+
+            return wait_for(finished, 180, 0.3, f"job {job_id}")
+
+        job = run({})
+        assert job["status"] == "succeeded", job
+        assert job["method"] == "compactor" and job["allocator"] == "adakv"  # the service defaults
+        assert job["params"]["method_params"] == mp and job["params"]["allocator_params"] == ap
+        prof = client.get(f"/profiles/{job['result']['profile_id']}").json()
+        own = run({"method_params": {}})  # a request's own parameters win over the promoted ones
+        assert own["params"]["method_params"] == {} and own["params_hash"] != job["params_hash"]
+
+    ids, _ = context_ids(engine, text)
+    cap = engine.capture(ids)
+    scores = engine.scorer("compactor", **mp).score(cap, engine.score_context(Budget(ratio=0.6)))  # (L, Hkv, N)
+    r = prof["r_star"]
+    assert 0.0 < r < 1.0
+    keep = adakv(scores, Budget(ratio=r).per_head(scores.shape[-1]), alpha=ap["alpha"])  # (L, Hkv, N)
+    assert prof["head_budgets"] == keep.sum(-1).tolist()
 
 
 # ---------------------------------------------------------------------------------------------------- Celery + CLI
@@ -309,7 +404,7 @@ def _free_port() -> int:
 @pytest.mark.slow
 @pytest.mark.service
 def test_sweep_through_celery_worker_resume_show_and_promote(pg_url, sweep_redis, tiny_docs, tmp_path,
-                                                                       monkeypatch):
+                                                                       monkeypatch, fresh_settings):
     from kvcalib.cli import app
 
     queue = f"kvcalib-sweep-test-{secrets.token_hex(3)}"
@@ -324,7 +419,7 @@ def test_sweep_through_celery_worker_resume_show_and_promote(pg_url, sweep_redis
     from kvcalib.settings import get_settings
 
     get_settings.cache_clear()
-    monkeypatch.setattr(sw, "_STORAGES", {})
+    monkeypatch.setattr(sw_storage, "_STORAGES", {})
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in tiny_docs))
     worker = WorkerProcess(env, tmp_path / "worker.log", "sweep")

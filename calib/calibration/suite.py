@@ -1,0 +1,63 @@
+"""The truth suite: one labelled record per document — label-free features, every fidelity candidate's curve and
+the task truth (loss curve, r*_task) — from ONE prefill.
+
+A record is what predictors are fitted on (``calib.predictors.risk``) and what the fidelity candidates are
+compared on (``benchmarks/calibration_truth.py``); records are appended to JSONL files (resumable: a document is
+done when a record with its content hash and the config's hash exists).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+from kvcalib.calib.calibration.calibrate import NLL_STRIDE, CalibrationConfig, _scores, context_ids
+from kvcalib.calib.calibration.curve import keep_masks, largest_safe_ratio
+from kvcalib.calib.calibration.features import context_features
+from kvcalib.calib.calibration.fidelity import FIDELITIES, fidelity_curves
+from kvcalib.calib.calibration.truth import TruthConfig, evaluate_truth, item_token_spans
+from kvcalib.calib.data.hashing import content_hash
+from kvcalib.calib.data.questions import TruthDocument
+
+RECORD_FORMAT = "kvcalib.truth_record/1"
+
+
+def truth_record(engine, doc: TruthDocument, config: CalibrationConfig | None = None,
+                 fidelities=FIDELITIES, doc_id: str | None = None, truth_config: TruthConfig | None = None,
+                 genre: str = "") -> dict:
+    """Features, fidelity curves and task truth of ``doc`` under ``config`` (method, allocator, grid, probes)."""
+    config = (config or CalibrationConfig()).validate()
+    t0 = time.perf_counter()
+    ids, doc_start = context_ids(engine, doc.text)
+    need_full_nll = "keytoken" in fidelities
+    cap = engine.capture(ids, compute_nll=True, nll_stride=1 if need_full_nll else NLL_STRIDE)
+    scores = _scores(engine, cap, config)
+    keep = keep_masks(scores, config.ratios, config.allocator, **config.allocator_params)
+    strided = dataclasses.replace(cap, token_nll=cap.token_nll[::NLL_STRIDE]) if need_full_nll else cap
+    feats = context_features(doc.text, strided, scores, keep[1:], config.ratios, doc_start=doc_start,
+                             window=config.probe_tokens)
+    t_feat = time.perf_counter() - t0
+    tcfg = truth_config or TruthConfig(method=config.method, method_params=config.method_params,
+                                       allocator=config.allocator, allocator_params=config.allocator_params,
+                                       ratios=config.ratios)
+    truth = evaluate_truth(engine, doc, tcfg, capture=cap, scores=scores, keep=keep)
+    t1 = time.perf_counter()
+    avoid = item_token_spans(engine, doc.text, doc.spans)
+    curves = fidelity_curves(engine, cap, doc_start, keep, tuple(fidelities), n_probes=config.n_probes,
+                             cue_tokens=config.cue_tokens, probe_tokens=config.probe_tokens, seed=config.seed,
+                             avoid=avoid) if fidelities else {}
+    return {
+        "format": RECORD_FORMAT, "id": doc_id, "genre": genre, "content_hash": content_hash(doc.text),
+        "params_hash": config.params_hash(), "config": config.to_dict(), "model": getattr(engine.lm, "name", ""),
+        "context_tokens": int(cap.num_tokens), "features": feats, "ratios": list(config.ratios),
+        "truth": truth.to_dict(), "loss": truth.envelope, "r_star_task": truth.r_star_task,
+        "n_counted": truth.n_counted, "fidelity": curves, "question_seed": doc.seed,
+        "timings": {"features_s": round(t_feat, 3), "truth_s": round(truth.seconds, 3),
+                    "fidelity_s": round(time.perf_counter() - t1, 3),
+                    "total_s": round(time.perf_counter() - t0, 3)},
+    }
+
+
+def fidelity_r_star(record: dict, name: str, tau: float) -> float:
+    """r*(τ) of one fidelity candidate of a record (``curve.largest_safe_ratio``)."""
+    return float(largest_safe_ratio(record["ratios"], record["fidelity"][name], tau)[0])

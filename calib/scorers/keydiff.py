@@ -1,0 +1,30 @@
+"""KeyDiff — Park et al. 2025, "KeyDiff: Key Similarity-Based KV Cache Eviction for Long-Context LLM Inference in
+Resource-Constrained Environments".
+
+Per (layer, kv head): the anchor is the mean of the L2-normalised keys, a = (1/N) Σ_j k_j/‖k_j‖, and the score of
+position i is its negative cosine similarity to the anchor, s_i = −cos(k_i, a): keys that differ most from the
+average key direction are kept. Keys are post-RoPE (the cached ones), in float32. Query-agnostic and
+parameter-free; no position is protected. As kvpress' ``KeyDiffPress``, the whole context is scored at once (the
+paper evicts block by block while prefilling, kvpress' ``BlockPress`` wrapper).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from kvcalib.calib.capture import Capture
+from kvcalib.calib.scorers.base import ScoreContext, Scorer
+
+
+@dataclass
+class KeyDiff(Scorer):
+    name: ClassVar[str] = "keydiff"
+
+    def score(self, cap: Capture, ctx: ScoreContext | None = None) -> torch.Tensor:
+        k = cap.keys.float()  # (L, Hkv, N, d)
+        anchor = F.normalize(k, dim=-1).mean(dim=2, keepdim=True)  # (L, Hkv, 1, d)
+        return -F.cosine_similarity(k, anchor, dim=-1)  # (L, Hkv, N)

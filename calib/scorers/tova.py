@@ -1,0 +1,32 @@
+"""TOVA — Oren, Hassid, Yarden, Adi, Schwartz 2024, "Transformers are Multi-State RNNs" (Token Omission Via
+Attention).
+
+Score of position i: the attention the *last* context token pays to it, averaged over every query head of the
+layer, s_i = (1/Hq) Σ_h softmax(q_{N−1,h} Kᵀ/√d)[i] (post-RoPE query and keys, as cached). The score is the same
+for every kv head of a layer (TOVA evicts per layer); the last position is protected (+inf), as in kvpress'
+``TOVAPress`` — the TOVA code does not force it, but its own attention is usually the largest.
+
+TOVA evicts one token per step while generating; here the policy is applied once to the prefill cache with the
+last context query, as kvpress does. It is query-agnostic and parameter-free, and works with every allocator
+(with ``adakv`` / ``lava`` every head of a layer carries the same scores).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from kvcalib.calib.capture import Capture
+from kvcalib.calib.scorers.base import ScoreContext, Scorer, protect, window_attention
+
+
+@dataclass
+class TOVA(Scorer):
+    name: ClassVar[str] = "tova"
+
+    def score(self, cap: Capture, ctx: ScoreContext | None = None) -> torch.Tensor:
+        a = window_attention(cap, 1)  # (L, Hq, N): softmax of the last query over all N keys
+        s = a.mean(1, keepdim=True).expand(-1, cap.keys.shape[1], -1)  # (L, Hkv, N) mean over the layer's heads
+        return protect(s, last=1)

@@ -1,0 +1,92 @@
+"""Request inputs of the service: the document and calibration parameters of a request, and the checks of raw input
+(document text, uploads, JSONL corpora) that need neither a model nor the database."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvcalib.calib.data.jsonl import iter_jsonl
+from kvcalib.service.errors import ServiceInputError, TooLargeError
+
+
+@dataclass
+class DocumentInput:
+    """One document of a request: its text, or a reference to a stored document."""
+
+    text: str | None = None
+    document_id: int | None = None
+    document_hash: str | None = None
+    source: str | None = None
+
+
+@dataclass
+class CalibrationParams:
+    """The validated calibration parameters of a request (``Service.params``)."""
+
+    model: str
+    method: str
+    allocator: str
+    tolerance: float
+    options: dict[str, Any] = field(default_factory=dict)  # CalibrationConfig overrides (ratios, n_probes, …)
+
+    @property
+    def custom_method_params(self) -> bool:
+        """Whether the caller chose the method's hyperparameters (their failures are then input errors)."""
+        return bool(self.options.get("method_params"))
+
+
+def validate_text(text: str, max_bytes: int) -> bytes:
+    """UTF-8 bytes of a document, or a clear input error (empty, lone surrogates, NUL characters, too large)."""
+    if not isinstance(text, str):
+        raise ServiceInputError("document text must be a string")
+    try:
+        data = text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ServiceInputError(f"document text is not valid Unicode (UTF-8 encoding fails at {exc.start})") from exc
+    if len(data) > max_bytes:
+        raise TooLargeError(f"document is {len(data)} bytes, over the limit of {max_bytes} bytes "
+                            "(KVCALIB_MAX_DOCUMENT_BYTES)")
+    if "\x00" in text:
+        raise ServiceInputError("document text contains NUL characters")
+    if not text.strip():
+        raise ServiceInputError("document text is empty")
+    return data
+
+
+def decode_utf8(data: bytes, what: str = "upload") -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ServiceInputError(f"{what} is not valid UTF-8 (invalid byte at offset {exc.start})") from exc
+
+
+def parse_jsonl(text: str, max_documents: int) -> list[DocumentInput]:
+    """Documents of a JSONL corpus: one JSON object per line (``text`` or ``document_id``/``document_hash``, optional
+    ``source``/``id``) or one JSON string per line; blank lines are skipped. Errors name the line."""
+    docs: list[DocumentInput] = []
+    for no, obj in iter_jsonl(text.splitlines(), lambda no, msg: ServiceInputError(f"line {no}: {msg}")):
+        if isinstance(obj, str):
+            docs.append(DocumentInput(text=obj))
+        elif isinstance(obj, dict):
+            docs.append(_document_of_object(no, obj))
+        else:
+            raise ServiceInputError(f"line {no}: expected a JSON object or string")
+        if len(docs) > max_documents:
+            raise TooLargeError(f"a batch holds at most {max_documents} documents (KVCALIB_MAX_BATCH_DOCUMENTS)")
+    if not docs:
+        raise ServiceInputError("the corpus holds no documents")
+    return docs
+
+
+def _document_of_object(no: int, obj: dict[str, Any]) -> DocumentInput:
+    t = obj.get("text")
+    did, dh = obj.get("document_id"), obj.get("document_hash")
+    src = obj.get("source", obj.get("id"))
+    if t is not None and not isinstance(t, str):
+        raise ServiceInputError(f"line {no}: `text` must be a string")
+    if did is not None and (not isinstance(did, int) or isinstance(did, bool) or did < 1):
+        raise ServiceInputError(f"line {no}: `document_id` must be a positive integer")
+    if dh is not None and not isinstance(dh, str):
+        raise ServiceInputError(f"line {no}: `document_hash` must be a string")
+    return DocumentInput(text=t, document_id=did, document_hash=dh, source=None if src is None else str(src)[:1000])

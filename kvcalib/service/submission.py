@@ -1,0 +1,140 @@
+"""Job submission: create (or find) the calibration run of each document, dispatch the new, failed and stale ones,
+group them into batches, retry failed jobs and resume unfinished ones after a restart.
+
+A run is keyed by (document, model, parameters hash), so submitting the same request twice returns the same job
+(already finished, or still running) and computes nothing twice."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from kvcalib.calib.errors import KvcalibError
+from kvcalib.service import repository as repo
+from kvcalib.service.db import Database
+from kvcalib.service.dispatch import Dispatcher
+from kvcalib.service.errors import ConflictError, NotFoundError, ServiceInputError, TooLargeError, UnavailableError
+from kvcalib.service.inputs import CalibrationParams, DocumentInput
+from kvcalib.service.orm import CalibrationRun, RunStatus, utcnow
+from kvcalib.service.queries import StoreReader
+from kvcalib.service.runtime import model_info
+from kvcalib.service.validation import RequestValidator
+from kvcalib.service.views import BatchView, JobView
+
+if TYPE_CHECKING:
+    from kvcalib.settings import Settings
+
+
+class Submitter:
+    def __init__(self, db: Database, settings: Settings, dispatcher: Dispatcher | None, validator: RequestValidator,
+                 reader: StoreReader):
+        self.db, self.settings, self.dispatcher = db, settings, dispatcher
+        self.validator, self.reader = validator, reader
+
+    def submit(self, doc: DocumentInput, p: CalibrationParams) -> tuple[JobView, bool]:
+        """Create (or find) the run of a document and dispatch it. Returns (job view, finished already)."""
+        view = self.submit_many([doc], p)[0]
+        return view, view.succeeded
+
+    def submit_many(self, docs: Sequence[DocumentInput], p: CalibrationParams) -> list[JobView]:
+        return self.reader.jobs(self._enqueue(docs, p)[0])
+
+    def submit_batch(self, docs: Sequence[DocumentInput], p: CalibrationParams) -> BatchView:
+        if not docs:
+            raise ServiceInputError("a batch needs at least one document")
+        if len(docs) > self.settings.max_batch_documents:
+            raise TooLargeError(f"a batch holds at most {self.settings.max_batch_documents} documents, "
+                                f"got {len(docs)} (KVCALIB_MAX_BATCH_DOCUMENTS)")
+        _, batch_id = self._enqueue(docs, p, batch=True)
+        assert batch_id is not None
+        return self.reader.batch(batch_id)
+
+    def _executor(self) -> Dispatcher:
+        if self.dispatcher is None:
+            raise UnavailableError("this process has no job executor")
+        return self.dispatcher
+
+    def _enqueue(self, docs: Sequence[DocumentInput], p: CalibrationParams, batch: bool = False
+                 ) -> tuple[list[int], int | None]:
+        """(run id of every document, batch id when ``batch``): runs written, new/failed/stale ones dispatched."""
+        dispatcher = self._executor()
+        config = self.validator.config(p)
+        info = model_info(p.model)
+        dispatcher.check()  # a down broker answers 503 before anything is written
+        params, phash = config.to_dict(), config.params_hash()
+        to_dispatch: list[int] = []
+        run_ids: list[int] = []
+        with self.db.session() as s:
+            model_row = repo.get_or_create_model(s, name=info.name, revision=info.revision)
+            for i, d in enumerate(docs):
+                try:
+                    row = self.validator.document(s, d, info).row
+                except KvcalibError as exc:
+                    if len(docs) > 1:
+                        raise type(exc)(f"document {i}: {exc}") from exc
+                    raise
+                run, created = repo.get_or_create_run(s, document=row, model=model_row, params=params,
+                                                      params_hash=phash, method=p.method, allocator=p.allocator,
+                                                      tolerance=p.tolerance)
+                run_ids.append(run.id)
+                if created:
+                    to_dispatch.append(run.id)
+                elif run.status == RunStatus.failed.value or self._stale(run):
+                    repo.requeue_run(s, run=run)
+                    to_dispatch.append(run.id)
+            batch_id = None
+            if batch:
+                batch_id = repo.create_batch(s, run_ids=run_ids, params={
+                    "model": p.model, "method": p.method, "allocator": p.allocator, "tolerance": p.tolerance,
+                    "options": p.options}).id
+        for run_id in dict.fromkeys(to_dispatch):
+            self._dispatch(dispatcher, run_id)
+        return run_ids, batch_id
+
+    def _stale(self, run: CalibrationRun) -> bool:
+        """A queued/running run untouched for longer than the broker's visibility timeout lost its message."""
+        if run.status not in (RunStatus.queued.value, RunStatus.running.value):
+            return False
+        updated = run.updated_at
+        if updated.tzinfo is None:
+            updated = updated.replace(tzinfo=utcnow().tzinfo)
+        return (utcnow() - updated).total_seconds() > self.settings.broker_visibility_timeout
+
+    def _dispatch(self, dispatcher: Dispatcher, run_id: int) -> None:
+        try:
+            task_id = dispatcher.submit(run_id)
+        except Exception as exc:  # noqa: BLE001 - broker down between check and submit
+            with self.db.session() as s:
+                repo.set_run(s, run_id=run_id, status=RunStatus.failed.value, message="could not be queued",
+                             error=f"job queue unavailable: {exc}", finished_at=utcnow())
+            raise UnavailableError(f"the job queue is unavailable ({type(exc).__name__}: {exc}); "
+                                   "resubmit later — the failed job is retried on resubmission") from exc
+        if task_id:
+            with self.db.session() as s:
+                repo.set_run(s, run_id=run_id, task_id=task_id)
+
+    def retry(self, run_id: int) -> JobView:
+        dispatcher = self._executor()
+        dispatcher.check()
+        with self.db.session() as s:
+            run = repo.get_run(s, run_id=run_id)
+            if run is None:
+                raise NotFoundError(f"no job {run_id}")
+            if run.status == RunStatus.succeeded.value:
+                raise ConflictError(f"job {run_id} already succeeded")
+            if run.status != RunStatus.failed.value and not self._stale(run):
+                raise ConflictError(f"job {run_id} is {run.status}; only failed (or stale) jobs can be retried")
+            repo.requeue_run(s, run=run)
+        self._dispatch(dispatcher, run_id)
+        return self.reader.job(run_id)
+
+    def resume_unfinished(self) -> int:
+        """Embedded mode start-up: queue again the runs a previous process left queued or running."""
+        dispatcher = self._executor()
+        with self.db.session() as s:
+            ids = repo.unfinished_runs(s)
+            for r in ids:
+                repo.set_run(s, run_id=r, status=RunStatus.queued.value, message="resumed after restart")
+        for r in ids:
+            dispatcher.submit(r)
+        return len(ids)

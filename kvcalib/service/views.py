@@ -1,0 +1,225 @@
+"""Typed results of the service layer: what the routers, the worker and the CLI get back (never ORM rows, never
+dicts). ``kvcalib.api.convert`` maps them onto the HTTP response models; ``dataclasses.asdict`` gives their JSON.
+
+Field order is the order of the JSON objects built from them (``asdict``)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from kvcalib.service.orm import Batch, CalibrationRun, CurvePoint, Profile, RunStatus
+
+BudgetSource = Literal["profile", "predicted"]
+CompressSource = Literal["ratio", "profile", "predicted"]
+
+
+@dataclass(frozen=True)
+class ProfileSummary:
+    """The result of a succeeded job: its profile in brief."""
+
+    profile_id: int
+    r_star: float
+    token_budget: int
+    context_tokens: int
+    monotone: bool
+    seconds: float | None
+
+    @classmethod
+    def of(cls, p: Profile) -> ProfileSummary:
+        return cls(profile_id=p.id, r_star=p.r_star, token_budget=p.token_budget, context_tokens=p.context_tokens,
+                   monotone=p.monotone, seconds=p.seconds)
+
+
+@dataclass(frozen=True)
+class JobView:
+    """A calibration run seen as a job: status, progress and, once succeeded, its profile."""
+
+    id: int
+    status: str  # RunStatus value
+    progress: float
+    message: str | None
+    error: str | None
+    attempts: int
+    document_id: int
+    document_hash: str
+    model: str
+    model_revision: str
+    method: str
+    allocator: str
+    tolerance: float
+    params_hash: str
+    params: dict[str, Any]
+    created_at: dt.datetime
+    updated_at: dt.datetime
+    started_at: dt.datetime | None
+    finished_at: dt.datetime | None
+    result: ProfileSummary | None
+
+    @property
+    def succeeded(self) -> bool:
+        return self.status == RunStatus.succeeded.value
+
+    @classmethod
+    def of(cls, run: CalibrationRun, profile: Profile | None) -> JobView:
+        return cls(id=run.id, status=run.status, progress=1.0 if profile else float(run.progress),
+                   message=run.message, error=run.error, attempts=run.attempts, document_id=run.document_id,
+                   document_hash=run.document.content_hash, model=run.model.name, model_revision=run.model.revision,
+                   method=run.method, allocator=run.allocator, tolerance=run.tolerance, params_hash=run.params_hash,
+                   params=run.params, created_at=run.created_at, updated_at=run.updated_at,
+                   started_at=run.started_at, finished_at=run.finished_at,
+                   result=ProfileSummary.of(profile) if profile else None)
+
+
+@dataclass(frozen=True)
+class BatchItemView:
+    position: int
+    job_id: int
+    status: str
+    progress: float
+    error: str | None
+    profile_id: int | None
+    document_hash: str
+
+
+@dataclass(frozen=True)
+class BatchView:
+    """Aggregate progress of a batch (and its items, unless asked without)."""
+
+    id: int
+    total: int
+    counts: dict[str, int]  # jobs per RunStatus value
+    progress: float
+    done: bool
+    status: str  # queued | running | succeeded | finished_with_errors
+    params: dict[str, Any]
+    created_at: dt.datetime
+    items: list[BatchItemView] | None
+
+    @classmethod
+    def of(cls, b: Batch, rows: Sequence[tuple[int, int, str, float, str | None, int | None, str]],
+           items: bool = True) -> BatchView:
+        """``rows``: (position, run id, status, progress, error, profile id, document hash) of ``batch_rows``."""
+        finished = (RunStatus.succeeded.value, RunStatus.failed.value)
+        counts = {st.value: 0 for st in RunStatus}
+        for _, _, status, *_ in rows:
+            counts[status] = counts.get(status, 0) + 1
+        total = len(rows)
+        progress = sum(1.0 if st in finished else float(pr) for _, _, st, pr, *_ in rows) / total if total else 1.0
+        done = counts[RunStatus.succeeded.value] + counts[RunStatus.failed.value] == total
+        if done:
+            status = "succeeded" if counts["succeeded"] == total else "finished_with_errors"
+        else:
+            status = "running" if counts["running"] or counts["succeeded"] or counts["failed"] else "queued"
+        return cls(id=b.id, total=total, counts=counts, progress=progress, done=done, status=status,
+                   params=b.params, created_at=b.created_at,
+                   items=[BatchItemView(position=pos, job_id=rid, status=st, progress=1.0 if pid else float(pr),
+                                        error=err, profile_id=pid, document_hash=h)
+                          for pos, rid, st, pr, err, pid, h in rows] if items else None)
+
+
+@dataclass(frozen=True)
+class CurvePointView:
+    ratio: float
+    fidelity: float
+    kl: float | None
+
+
+@dataclass(frozen=True)
+class ProfileView:
+    """A stored profile: r* at τ, the budgets that realise it, the document's features and the fidelity curve."""
+
+    id: int
+    job_id: int
+    document_id: int
+    document_hash: str
+    model: str
+    model_revision: str
+    method: str
+    allocator: str
+    tolerance: float
+    r_star: float
+    token_budget: int
+    context_tokens: int
+    monotone: bool
+    layer_budgets: list[int]  # (L,)
+    head_budgets: list[list[int]]  # (L, Hkv)
+    features: dict[str, Any]
+    predictor_version: str | None
+    seconds: float | None
+    created_at: dt.datetime
+    params: dict[str, Any]
+    curve: list[CurvePointView]
+
+    @classmethod
+    def of(cls, p: Profile, points: Sequence[CurvePoint]) -> ProfileView:
+        return cls(id=p.id, job_id=p.run_id, document_id=p.document_id, document_hash=p.document.content_hash,
+                   model=p.model.name, model_revision=p.model.revision, method=p.method, allocator=p.allocator,
+                   tolerance=p.tolerance, r_star=p.r_star, token_budget=p.token_budget,
+                   context_tokens=p.context_tokens, monotone=p.monotone, layer_budgets=p.layer_budgets,
+                   head_budgets=p.head_budgets, features=p.features, predictor_version=p.predictor_version,
+                   seconds=p.seconds, created_at=p.created_at, params=p.run.params,
+                   curve=[CurvePointView(ratio=c.ratio, fidelity=c.fidelity, kl=c.kl) for c in points])
+
+
+@dataclass(frozen=True)
+class BudgetView:
+    """The budget of a document for inference servers: a stored profile's, or a prediction's."""
+
+    source: BudgetSource
+    document_hash: str
+    model: str
+    model_revision: str | None
+    method: str
+    allocator: str
+    tolerance: float
+    ratio: float  # compression ratio to apply (r*)
+    token_budget: int  # average kept positions per (layer, kv head)
+    context_tokens: int
+    layer_budgets: list[int]  # (L,) kept positions per layer
+    head_budgets: list[list[int]]  # (L, Hkv) kept positions per head
+    profile_id: int | None
+    predictor_version: str | None
+    document_id: int | None = None  # predictions only (the stored-budget hot path does not read it)
+    features: dict[str, Any] | None = None  # predictions only
+
+
+@dataclass(frozen=True)
+class CompressionInfo:
+    """What a compressed cache was compressed from and at (written into the safetensors metadata)."""
+
+    model: str
+    model_revision: str
+    method: str
+    allocator: str
+    tolerance: float
+    ratio: float  # the ratio asked for: explicit, the profile's r*, or predicted
+    budget_source: CompressSource
+    document_hash: str
+    document_id: int
+
+    def metadata(self) -> dict[str, Any]:
+        """The safetensors metadata (the ratio as ``%.6f``, as in the ``X-Kvcalib-Ratio`` header)."""
+        return {"model": self.model, "model_revision": self.model_revision, "method": self.method,
+                "allocator": self.allocator, "tolerance": self.tolerance, "ratio": f"{self.ratio:.6f}",
+                "budget_source": self.budget_source, "document_hash": self.document_hash,
+                "document_id": self.document_id}
+
+
+@dataclass(frozen=True)
+class CompressedCache:
+    """A compressed KV cache: safetensors bytes (``kvcalib.calib.cache.export``) and how its budget was chosen."""
+
+    data: bytes
+    info: CompressionInfo
+    achieved_ratio: float  # 1 − kept / full over every (layer, head)
+    context_tokens: int
+
+
+@dataclass(frozen=True)
+class Readiness:
+    ready: bool
+    checks: dict[str, str]  # dependency → "ok" | "in-process" | "none" | "unavailable: …"
+    execution: str  # the dispatcher kind, or "none"

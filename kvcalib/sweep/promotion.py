@@ -1,0 +1,167 @@
+"""Results and promotion: the Pareto front's rows, the trial to promote, and the promoted defaults file read by the
+service (``<data_dir>/promoted_defaults.json``, one entry per (model, method))."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import threading
+from pathlib import Path
+
+from kvcalib.sweep.errors import SweepError
+from kvcalib.sweep.space import split_params
+from kvcalib.sweep.spec import OBJECTIVE_NAMES
+from kvcalib.sweep.storage import make_storage
+from kvcalib.sweep.studies import load_study, spec_of
+
+log = logging.getLogger("kvcalib.sweep")
+
+PROMOTED_FILE = "promoted_defaults.json"
+_PROMOTE_LOCK = threading.Lock()
+
+
+def trial_rows(study, pareto_only: bool = True) -> list[dict]:
+    """Rows of the completed trials (the Pareto front by default), by descending mean r*."""
+    from optuna.trial import TrialState
+
+    trials = study.best_trials if pareto_only else study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    front = {t.number for t in study.best_trials} if not pareto_only else None
+    rows = []
+    for t in trials:
+        rows.append({"trial": t.number, "r_star_mean": t.values[0], "fidelity_loss": t.values[1],
+                     "violation_rate": t.user_attrs.get("violation_rate"), "params": dict(t.params),
+                     "baseline": bool(t.user_attrs.get("baseline", False)),
+                     "pareto": True if front is None else t.number in front})
+    rows.sort(key=lambda r: (-r["r_star_mean"], r["fidelity_loss"]))
+    return rows
+
+
+def pick_trial(study, max_loss: float = 0.0, trial: int | None = None):
+    """The trial to promote: ``trial`` if given (must be COMPLETE), else the Pareto front's largest mean r* whose
+    fidelity loss is ≤ ``max_loss`` — or, when none is, the front's smallest loss."""
+    from optuna.trial import TrialState
+
+    if trial is not None:
+        for t in study.get_trials(deepcopy=False):
+            if t.number == trial:
+                if t.state != TrialState.COMPLETE:
+                    raise SweepError(f"trial {trial} is {t.state.name}, not COMPLETE")
+                return t
+        raise SweepError(f"study {study.study_name!r} has no trial {trial}")
+    front = study.best_trials
+    if not front:
+        raise SweepError(f"study {study.study_name!r} has no completed trial to promote")
+    ok = [t for t in front if t.values[1] <= max_loss + 1e-12]
+    if ok:
+        return max(ok, key=lambda t: (t.values[0], -t.values[1], -t.number))
+    return min(front, key=lambda t: (t.values[1], -t.values[0], t.number))
+
+
+def promoted_path(data_dir: str | Path | None = None) -> Path:
+    if data_dir is None:
+        from kvcalib.settings import get_settings
+
+        data_dir = get_settings().data_dir
+    return Path(data_dir) / PROMOTED_FILE
+
+
+def _read_promoted(path: Path) -> dict:
+    if not path.is_file():
+        return {"version": 1, "entries": {}}
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise SweepError(f"cannot read promoted defaults {str(path)!r}: {exc}") from exc
+    if not isinstance(d, dict) or not isinstance(d.setdefault("entries", {}), dict):
+        raise SweepError(f"promoted defaults {str(path)!r} are not an object of entries")
+    return d
+
+
+def _key(model: str, method: str) -> str:
+    return f"{model}/{method}"
+
+
+def promote(study_name: str, *, trial: int | None = None, max_loss: float = 0.0, storage=None,
+            data_dir: str | Path | None = None) -> dict:
+    """Record the chosen trial's parameters as the promoted defaults of (model, method); returns the entry."""
+    storage = storage or make_storage()
+    study = load_study(study_name, storage)
+    spec = spec_of(study)
+    t = pick_trial(study, max_loss=max_loss, trial=trial)
+    mp, ap = split_params(t.params)
+    entry = {"model": spec.model, "method": spec.method, "allocator": spec.allocator, "method_params": mp,
+             "allocator_params": ap, "study": study_name, "study_id": study._study_id, "trial": t.number,
+             "values": dict(zip(OBJECTIVE_NAMES, t.values)), "tolerance": spec.tolerance,
+             "violation_rate": t.user_attrs.get("violation_rate"), "corpus_hash": spec.corpus_hash,
+             "promoted_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
+    path = promoted_path(data_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _PROMOTE_LOCK:
+        d = _read_promoted(path)
+        d["entries"][_key(spec.model, spec.method)] = entry
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(d, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    study.set_user_attr("promoted", {"trial": t.number, "at": entry["promoted_at"]})
+    return entry
+
+
+def promoted_entry(method: str, model: str | None = None, data_dir: str | Path | None = None) -> dict | None:
+    """The promotion record of (model, method) — model defaults to the service's default model — or None."""
+    if model is None:
+        from kvcalib.settings import get_settings
+
+        model = get_settings().default_model
+    e = _read_promoted(promoted_path(data_dir))["entries"].get(_key(model, method))
+    return e if isinstance(e, dict) else None
+
+
+def promoted_params(method: str, model: str | None = None, data_dir: str | Path | None = None) -> dict:
+    """The promoted hyperparameters of ``method`` for ``model`` ({} when nothing was promoted): what the service
+    passes as ``method_params`` when a request gives none. Parameters the method no longer has are dropped."""
+    from kvcalib.calib.scorers import SCORERS
+
+    e = promoted_entry(method, model, data_dir)
+    if not e or method not in SCORERS:
+        return {}
+    names = set(SCORERS[method].param_names())
+    return {k: v for k, v in (e.get("method_params") or {}).items() if k in names}
+
+
+def promoted_allocator_params(method: str, allocator: str, model: str | None = None,
+                              data_dir: str | Path | None = None) -> dict:
+    """The promoted allocator parameters of (model, method) when they were swept for ``allocator`` ({} otherwise):
+    what the service passes as ``allocator_params`` when a request gives none. Unknown parameters are dropped."""
+    import inspect
+
+    from kvcalib.calib.budget import ALLOCATORS
+
+    e = promoted_entry(method, model, data_dir)
+    if not e or e.get("allocator") != allocator or allocator not in ALLOCATORS:
+        return {}
+    params = list(inspect.signature(ALLOCATORS[allocator]).parameters.values())[2:]  # after (scores, per_head)
+    names = {p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+    return {k: v for k, v in (e.get("allocator_params") or {}).items() if k in names}
+
+
+def with_promoted_params(options: dict, model: str, method: str, allocator: str,
+                         data_dir: str | Path | None = None) -> dict:
+    """``options`` (a request's ``CalibrationConfig`` overrides) with the promoted ``method_params`` of (model,
+    method) — and its ``allocator_params`` when they were swept for ``allocator`` — filled in where the request
+    gives none. An unreadable promotion file is logged and ignored: requests never fail because of it."""
+    out = dict(options)
+    try:
+        if "method_params" not in out:
+            mp = promoted_params(method, model, data_dir)
+            if mp:
+                out["method_params"] = mp
+        if "allocator_params" not in out:
+            ap = promoted_allocator_params(method, allocator, model, data_dir)
+            if ap:
+                out["allocator_params"] = ap
+    except SweepError as exc:
+        log.warning("promoted defaults ignored: %s", exc)
+        return dict(options)
+    return out
