@@ -9,7 +9,7 @@ from fastapi import APIRouter, File, Form, Path, Query, Request, UploadFile
 from fastapi.responses import JSONResponse
 
 from kvcalib.api.convert import batch_out, document_input, params_of
-from kvcalib.api.deps import ServiceDep, WriteAccess
+from kvcalib.api.deps import ReadAccess, ServiceDep, WriteAccess
 from kvcalib.api.schemas import (MAX_ID, AllocatorName, BatchOut, BatchRequest, CalibrationOptions, ErrorOut,
                                  MethodName, ModelName)
 from kvcalib.service import BatchView, ServiceInputError, decode_utf8, parse_jsonl
@@ -56,7 +56,8 @@ def upload_batch(
     return _respond(request, service.submit_batch(docs, p))
 
 
-@router.get("/batches/{batch_id}", response_model=BatchOut, name="get_batch", responses={404: {"model": ErrorOut}},
+@router.get("/batches/{batch_id}", response_model=BatchOut, name="get_batch", dependencies=[ReadAccess],
+            responses={401: {"model": ErrorOut}, 404: {"model": ErrorOut}},
             summary="Progress of a batch (and its items)")
 def get_batch(batch_id: BatchId, request: Request, service: ServiceDep,
               items: Annotated[bool, Query(description="Include the per-document items.")] = True) -> BatchOut:

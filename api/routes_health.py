@@ -25,12 +25,9 @@ def readyz(service: ServiceDep) -> Response:
     return JSONResponse(readiness_out(r).model_dump(), status_code=200 if r.ready else 503)
 
 
-@router.get("/metrics", summary="Prometheus metrics", response_class=Response,
+@router.get("/metrics", summary="Prometheus metrics (kvcalib.api.metrics)", response_class=Response,
             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}})
-def metrics(request: Request, service: ServiceDep) -> Response:
-    try:
-        counts = service.job_counts()
-    except Exception:  # noqa: BLE001 - metrics never fail because the database is down
-        counts = None
-    data = request.app.state.metrics.render(counts)
-    return Response(data, media_type="text/plain; version=0.0.4; charset=utf-8")
+def metrics(request: Request) -> Response:
+    from prometheus_client import CONTENT_TYPE_LATEST
+
+    return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -215,3 +215,14 @@ class Readiness(BaseModel):
 
 class ErrorOut(BaseModel):
     detail: Any
+
+
+class DocumentDeletedOut(BaseModel):
+    """What ``DELETE /documents/{id}`` removed."""
+
+    document_id: int
+    document_hash: str
+    runs: int = Field(description="Calibration runs (jobs) deleted.")
+    profiles: int
+    curve_points: int
+    batch_items: int = Field(description="Batch entries of the deleted jobs (the batches themselves stay).")

@@ -29,9 +29,6 @@ from kvcalib.calib.scorers import available_methods, get_scorer
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py beside it, also under -m
 from common import write_report  # noqa: E402
 
-BUDGET_DEPENDENT = {"lookahead"}  # methods whose scores depend on the target budget
-
-
 def parse_list(text: str, valid: list[str], what: str) -> list[str]:
     items = valid if text == "all" else [x.strip() for x in text.split(",") if x.strip()]
     bad = [x for x in items if x not in valid]
@@ -78,7 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
         for m in methods:
             scorer = get_scorer(m)
             for r in ratios:
-                if m in BUDGET_DEPENDENT or r == ratios[0]:
+                if scorer.budget_dependent or r == ratios[0]:  # e.g. lookahead: scored per ratio
                     t0 = time.perf_counter()
                     scores[(m, r)] = scorer.score(cap, eng.score_context(Budget(ratio=r)))
                     score_s[m] += time.perf_counter() - t0

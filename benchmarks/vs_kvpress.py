@@ -275,6 +275,7 @@ def main(argv: list[str] | None = None) -> dict:
                         "kept_overlap_0.5": round(float((ours & kpk).sum()) / float(kpk.sum()), 4),
                         "kvcalib_s": round(t_ours, 4), "kvpress_s": round(t_kp, 4),
                         "time_ratio": round(t_ours / t_kp, 3) if t_kp > 0 else None}
+                    print(f"  scores {p.name}: {score_rows[p.name]}", file=sys.stderr, flush=True)
         for r in RATIOS:  # kvcalib: every pair's cache at this ratio decodes as one batch row
             keeps = torch.stack([allocate(scores[p.name], Budget(ratio=r), p.allocator) for p in pairs])
             outs = greedy_decode_batch(model, RaggedKVCache.from_mask(cap.keys, cap.values, keeps), q,
@@ -295,6 +296,8 @@ def main(argv: list[str] | None = None) -> dict:
                     acc[p.name]["kvpress"][str(r)] += ok
                     outputs.append({"example": i, "pair": p.name, "side": "kvpress", "ratio": r, "output": text,
                                     "correct": ok})
+                print(f"  kvpress passkey {p.name}: {[o['correct'] for o in outputs[-len(RATIOS):]]}", file=sys.stderr,
+                      flush=True)
         print(f"[{i + 1}/{len(examples)}] {time.perf_counter() - t_start:.0f}s", file=sys.stderr, flush=True)
 
     n = len(examples)

@@ -9,12 +9,13 @@ import typer
 
 from kvcalib import __version__
 from kvcalib.commands import calibration, core, service, sweep
+from kvcalib.commands.common import KvcalibGroup
 
 # Process-level switches belong to the application, not the engine: no hub access, no tokenizer fork warnings.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(cls=KvcalibGroup, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Per-context calibration of KV-cache compression: score, allocate, compress, calibrate, serve.")
 
 

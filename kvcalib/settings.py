@@ -94,14 +94,30 @@ class Settings(BaseSettings):
     max_batch_documents: int = Field(default=1000, ge=1, description="Documents per batch request; larger "
                                                                      "batches get 413 (split them).")
     max_request_bytes: int = Field(default=64 * 2**20, ge=1024,
-                                   description="Requests declaring a larger body get 413 before it is read.")
+                                   description="Request bodies over this get 413 as soon as the limit is passed "
+                                               "(declared Content-Length or bytes counted as they stream).")
+    sync_concurrency: int = Field(default=4, ge=1, le=256,
+                                  description="Synchronous predict/compress computations at once per API process.")
+    sync_queue: int = Field(default=8, ge=0, description="Synchronous requests allowed to wait for a free slot; "
+                                                         "past it (or past sync_timeout waiting) → 429 + Retry-After.")
+    sync_timeout: float = Field(default=120.0, gt=0, description="Time limit (s) of one synchronous predict/compress "
+                                                                 "request, waiting included; past it → 503.")
+    max_pseudo_tokens: int = Field(default=32, ge=1, description="Cap of Lookahead Q-Cache's `n_pseudo` (decoded "
+                                                                 "pseudo tokens per scoring).")
+    store_document_text: bool = Field(
+        default=True, description="False = hash-only: documents are stored by hash and size, their text only while "
+                                  "one of their full calibrations is unfinished.")
     api_token: SecretStr | None = Field(
-        default=None, description="If set, every write endpoint (POST) needs `Authorization: Bearer <token>`.")
+        default=None, description="If set, every write endpoint (POST, DELETE) needs `Authorization: Bearer <token>`. "
+                                  "Set but blank: the API refuses to start.")
+    api_read_token: SecretStr | None = Field(
+        default=None, description="If set, GET endpoints of stored data (jobs, batches, profiles, budgets) need "
+                                  "`Authorization: Bearer <read token>` (or the write token).")
     host: str = "127.0.0.1"
     port: int = 8000
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
-    @field_validator("database_url", "broker_url", "result_backend", "api_token", mode="before")
+    @field_validator("database_url", "broker_url", "result_backend", mode="before")
     @classmethod
     def _empty_is_none(cls, v):
         return None if isinstance(v, str) and not v.strip() else v
@@ -136,7 +152,20 @@ class Settings(BaseSettings):
 
     @property
     def token(self) -> str | None:
-        return self.api_token.get_secret_value() if self.api_token else None
+        return self.api_token.get_secret_value() if self.api_token is not None else None
+
+    @property
+    def read_token(self) -> str | None:
+        return self.api_read_token.get_secret_value() if self.api_read_token is not None else None
+
+    def check_tokens(self) -> None:
+        """Refuse a token that is set but blank (it would otherwise read as "no token", i.e. no authentication)."""
+        from kvcalib.calib.errors import KvcalibError
+
+        for var, value in (("KVCALIB_API_TOKEN", self.token), ("KVCALIB_API_READ_TOKEN", self.read_token)):
+            if value is not None and not value.strip():
+                raise KvcalibError(f"{var} is set but blank: set a real token, or unset the variable to run "
+                                   "without authentication")
 
 
 @functools.lru_cache(maxsize=1)

@@ -1,8 +1,10 @@
-"""Celery tasks: thin wrappers over ``calib.store.jobs.execute_run``.
+"""Celery tasks: thin wrappers over ``kvcalib.service.jobs.execute_run``.
 
 Per worker process the database engine and the model are created once: the model is preloaded when the process
 starts (``worker_process_init``, sent by the prefork children and by the solo pool) and otherwise loaded lazily on
-the first task (threads pool).
+the first task (threads pool). Every worker also runs the sweeper (``kvcalib.service.sweeper``) in a thread of its
+main process, from ``worker_ready`` to ``worker_shutdown``: runs whose lease expired or whose message was lost are
+sent again.
 """
 
 from __future__ import annotations
@@ -14,12 +16,14 @@ from celery import signals
 from sqlalchemy.exc import DBAPIError
 
 from kvcalib.service.jobs import backoff_seconds, execute_run
+from kvcalib.service.leases import LeasePolicy
 from kvcalib.worker.app import TASK_CALIBRATE, app
 
 log = logging.getLogger("kvcalib.worker")
 
 _lock = threading.Lock()
 _db = None
+_sweeper = None
 
 
 def settings():
@@ -65,6 +69,23 @@ def _preload():
         log.exception("preloading the model failed")
 
 
+@signals.worker_ready.connect
+def _start_sweeper(**_):
+    global _sweeper
+    from kvcalib.service.sweeper import Sweeper
+    from kvcalib.worker.dispatch import CeleryDispatcher
+
+    s = settings()
+    _sweeper = Sweeper(database(), CeleryDispatcher(s, app=app), LeasePolicy.from_settings(s))
+    _sweeper.start()
+
+
+@signals.worker_shutdown.connect
+def _stop_sweeper(**_):
+    if _sweeper is not None:
+        _sweeper.stop()
+
+
 @signals.worker_process_init.connect
 def _preload_child(**_):
     global _db
@@ -78,7 +99,7 @@ def calibrate_run(self, run_id: int) -> dict:
     retries = self.request.retries
     try:
         out = execute_run(database(), int(run_id), load_engine, max_attempts=s.job_max_retries + 1,
-                          task_id=self.request.id)
+                          task_id=self.request.id, leases=LeasePolicy.from_settings(s))
     except DBAPIError as exc:  # database unreachable: try again later, the run row is untouched or re-claimable
         if retries >= s.job_max_retries + 2:
             raise

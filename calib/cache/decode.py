@@ -3,6 +3,9 @@
 transformers' ``generate()`` slices caches by the length of layer 0 and so mis-handles pruned caches; this loop
 feeds only new tokens, with their original position ids, through the model's ``"kvcalib"`` attention path.
 A ``DecodePolicy`` (e.g. MorphKV) may shrink the cache after each step.
+
+Re-entrant: a decode's state is its cache (passed as ``kvcalib_state``) and its policy; the shared model is only
+read, so concurrent decodes on one model do not interact.
 """
 
 from __future__ import annotations

@@ -11,6 +11,10 @@ Kept entries stay in their original order (``cache.keep_slots``). Heads that hol
 
 Published settings: LongBench R = 32, C = 2000 (sum) — the defaults here; LongWriter R = 30, C = 600;
 LongGenBench R = 200, C = 4000 (max). ``report()`` gives the cache size (entries per head, bytes) after every step.
+
+Concurrency: every per-step state lives in the cache of the generation (recent queries, kept slots); the instance
+holds only its settings and the ``history`` of the generation it serves, so use one instance per generation
+(``get_policy`` builds a fresh one); concurrent generations on one model are safe.
 """
 
 from __future__ import annotations

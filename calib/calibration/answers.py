@@ -32,23 +32,26 @@ Stop = Callable[[int, list[int]], bool]  # (row, tokens so far) -> stop this row
 @torch.no_grad()
 def decode_rows(lm, keys: torch.Tensor, values: torch.Tensor, keep: torch.Tensor, prompts: list[torch.Tensor],
                 max_new_tokens: int, eos_ids: set[int] | None = None, stop: Stop | None = None,
-                max_rows: int = 16) -> list[list[int]]:
+                max_rows: int = 16, probs: list[list[float]] | None = None) -> list[list[int]]:
     """Greedy answers of B rows: row b decodes after ``prompts[b]`` over the context ``keys``/``values``
     (L, Hkv, N, d) compressed by ``keep[b]`` ((B, L, Hkv, N) bool). A row ends at EOS (kept in its output), after
-    ``max_new_tokens`` or when ``stop(b, tokens)`` is true. Rows are decoded ``max_rows`` at a time."""
+    ``max_new_tokens`` or when ``stop(b, tokens)`` is true. Rows are decoded ``max_rows`` at a time. When a list
+    ``probs`` is given, the probability of every emitted token is appended to it (one list per row)."""
     if keep.dim() == 3:
         keep = keep.unsqueeze(0)
     if keep.shape[0] != len(prompts):
         raise ValueError(f"{keep.shape[0]} keep rows for {len(prompts)} prompts")
     out: list[list[int]] = []
     for s in range(0, len(prompts), max_rows):
-        chunk = _decode_chunk(lm, keys, values, keep[s:s + max_rows], prompts[s:s + max_rows], max_new_tokens,
-                              eos_ids or set(), (lambda b, t, s=s: stop(s + b, t)) if stop else None)
+        chunk, p = _decode_chunk(lm, keys, values, keep[s:s + max_rows], prompts[s:s + max_rows], max_new_tokens,
+                                 eos_ids or set(), (lambda b, t, s=s: stop(s + b, t)) if stop else None)
         out.extend(chunk)
+        if probs is not None:
+            probs.extend(p)
     return out
 
 
-def _decode_chunk(lm, keys, values, keep, prompts, max_new_tokens, eos, stop) -> list[list[int]]:
+def _decode_chunk(lm, keys, values, keep, prompts, max_new_tokens, eos, stop):
     model = lm.model
     device = next(model.parameters()).device
     head = model.get_output_embeddings()
@@ -76,12 +79,16 @@ def _decode_chunk(lm, keys, values, keep, prompts, max_new_tokens, eos, stop) ->
         cache.layers[li] = LayerKV(layer.keys, layer.values, valid, layer.positions)
     next_pos = n + lens  # (B,) each row's next position
     out: list[list[int]] = [[] for _ in range(b)]
+    probs: list[list[float]] = [[] for _ in range(b)]
     done = [False] * b
     for step in range(max_new_tokens):
-        nxt = logits.argmax(-1).tolist()
+        idx = logits.argmax(-1)  # (B,)
+        top = torch.softmax(logits, -1).gather(1, idx[:, None])[:, 0]
+        nxt = idx.tolist()
         for i, tok in enumerate(nxt):
             if not done[i]:
                 out[i].append(tok)
+                probs[i].append(float(top[i]))
                 done[i] = tok in eos or (stop is not None and stop(i, out[i]))
         if all(done) or step == max_new_tokens - 1:
             break
@@ -90,7 +97,7 @@ def _decode_chunk(lm, keys, values, keep, prompts, max_new_tokens, eos, stop) ->
                                      use_cache=False, kvcalib_state=cache).last_hidden_state[:, -1]
         logits = head(hidden).float()
         next_pos = next_pos + 1
-    return out
+    return out, probs
 
 
 @dataclass

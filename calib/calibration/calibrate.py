@@ -11,6 +11,7 @@ is exactly the cache a later question will be asked against. See docs/calibratio
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -24,7 +25,7 @@ import torch
 from kvcalib.calib import budget as budgets
 from kvcalib.calib import defaults
 from kvcalib.calib.capture import Capture
-from kvcalib.calib.calibration.curve import keep_masks, largest_safe_ratio, one_pass_curve
+from kvcalib.calib.calibration.curve import Curve, keep_masks, largest_safe_ratio, one_pass_curve
 from kvcalib.calib.data.documents import content_hash
 from kvcalib.calib.errors import KvcalibError
 from kvcalib.calib.calibration.features import context_features
@@ -54,6 +55,7 @@ class CalibrationConfig:
     probe_tokens: int = defaults.PROBE_TOKENS  # scored target tokens per probe
     cue_tokens: int = defaults.CUE_TOKENS  # document tokens fed before the target
     seed: int = 0  # span choice
+    fidelity: str = "reconstruction"  # label-free fidelity of the curve (calib.calibration.fidelity.FIDELITIES)
 
     def __post_init__(self):
         try:
@@ -88,6 +90,10 @@ class CalibrationConfig:
                 raise CalibrationError(f"{name} must be an integer >= {lo}, got {v!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise CalibrationError(f"seed must be an integer, got {self.seed!r}")
+        from kvcalib.calib.calibration.fidelity import FIDELITIES
+
+        if self.fidelity not in FIDELITIES:
+            raise CalibrationError(f"unknown fidelity {self.fidelity!r}: expected one of {list(FIDELITIES)}")
         return self
 
     def to_dict(self) -> dict:
@@ -119,10 +125,13 @@ class CalibrationConfig:
 
     def params_hash(self) -> str:
         """sha256 of the canonical JSON of every field (sorted keys, no whitespace): stable across processes.
-        Empty ``allocator_params`` are left out, so configs keep the hash they had before the field existed."""
+        Empty ``allocator_params`` and the historical ``fidelity`` ("reconstruction") are left out, so configs keep
+        the hash they had before those fields existed."""
         d = self.to_dict()
         if not d["allocator_params"]:
             del d["allocator_params"]
+        if d["fidelity"] == "reconstruction":
+            del d["fidelity"]
         blob = json.dumps(d, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
         return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
@@ -259,7 +268,8 @@ def _prepare(engine: CalibrationEngine, text: str, config: CalibrationConfig, pr
     ids, doc_start = context_ids(engine, text)
     progress(0.02, f"prefill of {ids.numel()} tokens")
     t0 = time.perf_counter()
-    cap = engine.capture(ids, compute_nll=True, nll_stride=NLL_STRIDE)
+    full_nll = config.fidelity == "keytoken"  # LongPPL key tokens need every token's NLL
+    cap = engine.capture(ids, compute_nll=True, nll_stride=1 if full_nll else NLL_STRIDE)
     t["prefill_s"] = time.perf_counter() - t0
     progress(0.45, f"scoring with {config.method}")
     t0 = time.perf_counter()
@@ -269,10 +279,31 @@ def _prepare(engine: CalibrationEngine, text: str, config: CalibrationConfig, pr
     t0 = time.perf_counter()
     keep = keep_masks(scores, config.ratios, config.allocator, **config.allocator_params)
     keep = _per_ratio_keep(engine, cap, config, keep)
-    feats = context_features(text, cap, scores, keep[1:], config.ratios,
+    strided = dataclasses.replace(cap, token_nll=cap.token_nll[::NLL_STRIDE]) if full_nll else cap
+    feats = context_features(text, strided, scores, keep[1:], config.ratios,
                              doc_start=doc_start, window=config.probe_tokens)
     t["features_s"] = time.perf_counter() - t0
     return cap, doc_start, scores, keep, feats, t
+
+
+def _candidate_curve(engine: CalibrationEngine, cap: Capture, doc_start: int, keep: torch.Tensor,
+                     config: CalibrationConfig, user_probes, progress: Progress) -> Curve:
+    """The curve of a fidelity candidate other than the reconstruction probes (``calib.calibration.fidelity``);
+    the KL beside it is the next-token KL over the reconstruction probes, as for the default."""
+    from kvcalib.calib.calibration.fidelity import fidelity_curves
+
+    if user_probes:
+        raise CalibrationError(f"user probes need the reconstruction fidelity, not {config.fidelity!r}")
+    if not config.n_probes:
+        raise CalibrationError("no probes: set n_probes >= 1")
+    progress(0.6, f"{config.fidelity} fidelity at {len(config.ratios)} ratios")
+    t0 = time.perf_counter()
+    curves = fidelity_curves(engine, cap, doc_start, keep, (config.fidelity, "kl"), n_probes=config.n_probes,
+                             cue_tokens=config.cue_tokens, probe_tokens=config.probe_tokens, seed=config.seed)
+    kl = [-math.log(max(f, 1e-300)) for f in curves["kl"]]
+    return Curve(ratios=list(config.ratios), fidelity=curves[config.fidelity], kl=kl, probe_fidelity=[], nll_full=[],
+                 nll=[], kept_fraction=[float(x) for x in keep[1:].flatten(1).float().mean(1)],
+                 seconds=time.perf_counter() - t0)
 
 
 # ---------------------------------------------------------------------------------------------------- API
@@ -290,16 +321,20 @@ def calibrate(engine: CalibrationEngine, text: str, config: CalibrationConfig = 
     progress = progress or _noop
     t_start = time.perf_counter()
     cap, doc_start, scores, keep, feats, timings = _prepare(engine, text, config, progress)
-    probes = _probes(engine, cap, doc_start, config)
-    if user_probes:
-        probes += make_user_probes(engine.tokenizer, list(user_probes))
-    if not probes:
-        raise CalibrationError("no probes: set n_probes >= 1 or pass user_probes")
-    progress(0.6, f"probing {len(probes)} probes at {len(config.ratios)} ratios")
-    t0 = time.perf_counter()
-    curve = one_pass_curve(engine.lm, cap.keys, cap.values, scores, probes, config.ratios, config.allocator,
-                           keep=keep)
-    timings["probes_s"] = time.perf_counter() - t0
+    if config.fidelity != "reconstruction":
+        curve = _candidate_curve(engine, cap, doc_start, keep, config, user_probes, progress)
+        timings["probes_s"] = curve.seconds
+    else:
+        probes = _probes(engine, cap, doc_start, config)
+        if user_probes:
+            probes += make_user_probes(engine.tokenizer, list(user_probes))
+        if not probes:
+            raise CalibrationError("no probes: set n_probes >= 1 or pass user_probes")
+        progress(0.6, f"probing {len(probes)} probes at {len(config.ratios)} ratios")
+        t0 = time.perf_counter()
+        curve = one_pass_curve(engine.lm, cap.keys, cap.values, scores, probes, config.ratios, config.allocator,
+                               keep=keep)
+        timings["probes_s"] = time.perf_counter() - t0
     progress(0.95, "largest safe ratio")
     r_star, r_grid, monotone = largest_safe_ratio(curve.ratios, curve.fidelity, config.tolerance)
     layer_b, head_b = budgets_at(scores, r_star, config.allocator, **config.allocator_params)
@@ -327,11 +362,21 @@ class Prediction:
 
 
 def predict(engine: CalibrationEngine, text: str, config: CalibrationConfig,
-            predictor: RatioPredictor | str | Path) -> Prediction:
+            predictor: RatioPredictor | str | Path | None = None) -> Prediction:
     """Recommend a compression ratio for ``text`` from its features alone (one prefill + scores, no probes).
-    ``predictor`` is a loaded predictor or a path to a predictor file / folder (``load_predictor``)."""
+    ``predictor`` is a loaded predictor or a path to a predictor file / folder (``load_predictor``); None = the
+    predictor shipped for the engine's model (``predictors.bundled.default_predictor``: conformal risk control of
+    the answer loss, fitted on task truth), an error when none ships for that model, method and allocator."""
     from kvcalib.calib.predictors import load_predictor
 
+    if predictor is None:
+        from kvcalib.calib.predictors.bundled import default_predictor, shipped_models
+
+        predictor = default_predictor(engine.lm.name, config.method, config.allocator)
+        if predictor is None:
+            raise CalibrationError(f"no shipped predictor for model {engine.lm.name!r} with method "
+                                   f"{config.method!r} and allocator {config.allocator!r} (shipped for "
+                                   f"{shipped_models()}): pass a predictor fitted with `kvcalib fit`")
     if isinstance(predictor, (str, Path)):
         predictor = load_predictor(predictor)
     trained = predictor.training_config()

@@ -6,11 +6,14 @@ come after the compressed context, so compression stays query-agnostic):
 
 1. the method scores the context once; the grid's keep masks are built as for calibration (``keep_masks``);
 2. every question is answered greedily with the **full** cache (``answers.decode_rows``, all questions in one
-   batch). A question *counts* when that answer is correct (every gold string in it) or, for a document question
-   (no gold: the reference is the full-cache answer itself, Dutta et al.'s flips), when it is non-empty;
+   batch; a gold answer stops once its gold strings are out or its first sentence ended). A question *counts* when that answer is correct (every gold string in it) or, for a document question
+   (no gold: the reference is the full-cache answer itself, Dutta et al.'s flips), when it is given consistently:
+   non-empty, with a mean top-1 probability ≥ ``doc_min_confidence`` over its compared tokens (a coin-flip answer
+   changes under any perturbation and says nothing about compression);
 3. each counted answer — cut after its gold strings, or to its first ``doc_answer_tokens`` tokens for a document
-   question — is teacher-forced under every row of the grid in ONE packed forward (``answers.teacher_forced``):
-   the row reproduces it exactly iff its top-1 agrees at every token;
+   question — is teacher-forced under the grid's rows in one packed forward per half of the grid (the upper half
+   only for answers not lost in the lower one) (``answers.teacher_forced``): the row reproduces it exactly iff its
+   top-1 agrees at every token;
 4. a gold answer that is not reproduced exactly may still be right in other words: for every such question its
    first failing ratio is decoded for real (``decode_failures``; all questions in one batch) and checked for the
    gold strings — if right, its next failing ratio, and so on. A document question whose answer changed is lost
@@ -51,12 +54,15 @@ class TruthConfig:
     ratios: tuple[float, ...] = defaults.RATIOS
     max_answer_tokens: int = 24  # full-cache answers are decoded up to this many tokens (gold found: stop)
     doc_answer_tokens: int = 8  # a document question's answer must survive over its first tokens
+    doc_min_confidence: float = 0.5  # ... and counts only when the full cache gave it with this mean top-1 prob.
     decode_failures: bool = True  # re-decode gold answers whose exact wording changed (may still be right)
 
     def __post_init__(self):
         self.ratios = tuple(sorted(float(r) for r in self.ratios))
         if not self.ratios or any(not 0.0 < r < 1.0 for r in self.ratios):
             raise TruthError(f"ratios must lie in (0, 1), got {list(self.ratios)}")
+        if not 0.0 <= float(self.doc_min_confidence) <= 1.0:
+            raise TruthError(f"doc_min_confidence must lie in [0, 1], got {self.doc_min_confidence!r}")
         for name in ("max_answer_tokens", "doc_answer_tokens"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -73,6 +79,7 @@ class Outcome:
     counted: bool
     survived: list[bool]  # per grid ratio (all False when not counted)
     decoded: dict[str, str] = field(default_factory=dict)  # ratio -> answer, for re-decoded pairs
+    confidence: float = 0.0  # mean top-1 probability of the full-cache answer (over its compared tokens)
 
 
 @dataclass
@@ -159,6 +166,11 @@ def _first_false(flags: list[bool], start: int = 0) -> int:
     return next((i for i in range(start, len(flags)) if not flags[i]), len(flags))
 
 
+def _gold_done(q: Question, text: str, n_tokens: int) -> bool:
+    """Stop decoding a gold answer: its gold strings are out, or (3+ tokens in) its first sentence ended."""
+    return q.is_correct(text) or (n_tokens >= 3 and text.rstrip(" ").endswith((".", "!", "?", "\n")))
+
+
 def _cut_reference(tok, q: Question, ids: list[int], doc_tokens: int) -> int:
     """How many tokens of the full-cache answer ``ids`` must survive: through the gold strings, or the first
     ``doc_tokens`` for a document question."""
@@ -206,62 +218,90 @@ def evaluate_truth(engine, doc: TruthDocument, config: TruthConfig | None = None
     t = time.perf_counter()
 
     def found(b: int, ids: list[int]) -> bool:
-        q = qs[b]
-        if not q.has_gold:
+        if not qs[b].has_gold:
             return len(ids) >= config.doc_answer_tokens
-        return q.is_correct(tok.decode(ids, skip_special_tokens=True))
+        return _gold_done(qs[b], tok.decode(ids, skip_special_tokens=True), len(ids))
 
     full = keep[:1].expand(len(qs), -1, -1, -1)
-    refs = decode_rows(lm, keys, values, full, prompts, config.max_answer_tokens, eos, stop=found)
+    probs: list[list[float]] = []
+    refs = decode_rows(lm, keys, values, full, prompts, config.max_answer_tokens, eos, stop=found, probs=probs)
     timings["reference_s"] = time.perf_counter() - t
     texts = [tok.decode(r, skip_special_tokens=True).strip() for r in refs]
-    counted = [q.is_correct(x) if q.has_gold else bool(normalize(x)) for q, x in zip(qs, texts)]
+    confidence = [sum(p[:config.doc_answer_tokens]) / max(1, len(p[:config.doc_answer_tokens])) for p in probs]
+    counted = [q.is_correct(x) if q.has_gold else bool(normalize(x)) and c >= config.doc_min_confidence
+               for q, x, c in zip(qs, texts, confidence)]
     n_r = len(config.ratios)
-    outcomes = [Outcome(q.kind, q.template, q.question, list(q.answers), x, c, [False] * n_r)
-                for q, x, c in zip(qs, texts, counted)]
+    outcomes = [Outcome(q.kind, q.template, q.question, list(q.answers), x, c, [False] * n_r,
+                        confidence=round(f, 4)) for q, x, c, f in zip(qs, texts, counted, confidence)]
     idx = [i for i, c in enumerate(counted) if c]
-    if idx:
-        # 3. the counted answers teacher-forced under every row in one packed forward
+    cuts = {i: _cut_reference(tok, qs[i], refs[i], config.doc_answer_tokens) for i in idx}
+    first_loss = {i: n_r for i in idx}
+    alive = list(idx)  # answers not lost yet: the grid is walked in two halves, the second for these only
+    timings["forced_s"] = timings["redecode_s"] = 0.0
+    for lo, hi in ((0, n_r // 2), (n_r // 2, n_r)):
+        if not alive or lo == hi:
+            continue
+        # 3. the answers teacher-forced under the half's rows in one packed forward
         t = time.perf_counter()
-        cuts = [_cut_reference(tok, qs[i], refs[i], config.doc_answer_tokens) for i in idx]
-        pairs = [(prompts[i], torch.tensor(refs[i][:c])) for i, c in zip(idx, cuts)]
-        forced = teacher_forced(lm, keys, values, keep[1:], pairs)  # the full row reproduces them by construction
-        surv = forced.survived()  # (R, K)
-        timings["forced_s"] = time.perf_counter() - t
-        for k, i in enumerate(idx):
-            outcomes[i].survived = [bool(x) for x in surv[:, k]]
+        forced = teacher_forced(lm, keys, values, keep[1 + lo:1 + hi],
+                                [(prompts[i], torch.tensor(refs[i][:cuts[i]])) for i in alive])
+        surv = forced.survived()  # (hi − lo, len(alive))
+        exact = {i: [bool(x) for x in surv[:, k]] for k, i in enumerate(alive)}
+        timings["forced_s"] += time.perf_counter() - t
         # 4. a gold answer reworded under compression may still be right: decode, for every question, its first
         #    ratio whose teacher-forced check failed; if right, its next one (rounds, all questions batched)
         t = time.perf_counter()
-        first_loss = {i: _first_false(outcomes[i].survived) for i in idx}
-        pending = {i: 0 for i in idx if qs[i].has_gold and config.decode_failures}
+        lost = {i: _first_false(exact[i]) for i in alive}
+        pending = {i: 0 for i in alive if qs[i].has_gold and config.decode_failures}
         while pending:
             todo = []
-            for i, start in pending.items():
-                r = _first_false(outcomes[i].survived, start)
-                if r < n_r:
-                    todo.append((r, i))
-                first_loss[i] = r
+            for i, begin in pending.items():
+                lost[i] = _first_false(exact[i], begin)
+                if lost[i] < hi - lo:
+                    todo.append((lost[i], i))
             if not todo:
                 break
-            rows = keep[torch.tensor([r + 1 for r, _ in todo])]
+            rows = keep[torch.tensor([1 + lo + r for r, _ in todo])]
 
             def got(b: int, ids: list[int], todo=todo) -> bool:
-                return qs[todo[b][1]].is_correct(tok.decode(ids, skip_special_tokens=True))
+                return _gold_done(qs[todo[b][1]], tok.decode(ids, skip_special_tokens=True), len(ids))
 
             outs = decode_rows(lm, keys, values, rows, [prompts[i] for _, i in todo], config.max_answer_tokens,
                                eos, stop=got)
             pending = {}
             for (r, i), o in zip(todo, outs):
                 text = tok.decode(o, skip_special_tokens=True).strip()
-                outcomes[i].decoded[f"{config.ratios[r]:g}"] = text
+                outcomes[i].decoded[f"{config.ratios[lo + r]:g}"] = text
                 if qs[i].is_correct(text):
                     pending[i] = r + 1
-        for i in idx:  # an answer lost at some ratio counts as lost at every larger one
-            outcomes[i].survived = [r < first_loss[i] for r in range(n_r)]
-        timings["redecode_s"] = time.perf_counter() - t
+        timings["redecode_s"] += time.perf_counter() - t
+        for i in list(alive):
+            if lost[i] < hi - lo:
+                first_loss[i] = lo + lost[i]
+                alive.remove(i)
+    for i in idx:  # an answer lost at some ratio counts as lost at every larger one
+        outcomes[i].survived = [r < first_loss[i] for r in range(n_r)]
     loss, env = loss_curve([o.survived for o in outcomes if o.counted], n_r)
     return TruthResult(ratios=list(config.ratios), loss=loss, envelope=env,
                        r_star_task=task_r_star(config.ratios, loss), n_counted=len(idx), n_questions=len(qs),
                        outcomes=outcomes, context_tokens=int(keys.shape[2]), content_hash=content_hash(doc.text),
                        seconds=time.perf_counter() - t0, timings={k: round(v, 4) for k, v in timings.items()})
+
+
+def rescore(record: dict, doc_min_confidence: float) -> dict:
+    """A truth record (``suite.truth_record``) re-counted with another document-question confidence gate: only
+    gates at least as strict as the one it was labelled with are exact (a question below the labelling gate was
+    never teacher-forced). Loss curve, r*_task and counts are recomputed from the stored outcomes."""
+    rec = dict(record)
+    truth = dict(rec["truth"])
+    outcomes = [dict(o) for o in truth["outcomes"]]
+    for o in outcomes:
+        if not o["gold"]:
+            o["counted"] = bool(o["counted"]) and o.get("confidence", 0.0) >= doc_min_confidence
+    n_r = len(truth["ratios"])
+    loss, env = loss_curve([o["survived"] for o in outcomes if o["counted"]], n_r)
+    truth.update(outcomes=outcomes, loss=loss, envelope=env, r_star_task=task_r_star(truth["ratios"], loss),
+                 n_counted=sum(o["counted"] for o in outcomes))
+    rec.update(truth=truth, loss=env, r_star_task=truth["r_star_task"], n_counted=truth["n_counted"],
+               doc_min_confidence=doc_min_confidence)
+    return rec

@@ -39,13 +39,21 @@ class Document:
         return content_hash(self.text)
 
 
+def _read_utf8(path: Path) -> str:
+    """The text of ``path``; invalid UTF-8 is a ``CorpusError`` naming the file (also for files of a folder)."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise CorpusError(f"{str(path)!r} is not valid UTF-8 (invalid byte at offset {exc.start})") from None
+
+
 def _read_jsonl(path: Path) -> list[dict]:
     rows = []
-    with path.open(encoding="utf-8") as fh:
-        for i, obj in iter_jsonl(fh, lambda i, msg: CorpusError(f"{path}:{i}: {msg}")):
-            if not isinstance(obj, dict):
-                raise CorpusError(f"{path}:{i}: expected a JSON object")
-            rows.append(obj)
+    for i, obj in iter_jsonl(_read_utf8(path).split("\n"), lambda i, msg: CorpusError(f"{path}:{i}: {msg}")):
+        if not isinstance(obj, dict):
+            raise CorpusError(f"{path}:{i}: expected a JSON object")
+        rows.append(obj)
     return rows
 
 
@@ -56,7 +64,7 @@ def read_texts(path: str | Path) -> list[tuple[str, str]]:
         files = sorted(path.glob("*.txt"))
         if not files:
             raise CorpusError(f"corpus folder {str(path)!r} holds no .txt files")
-        return [(f.stem, f.read_text(encoding="utf-8")) for f in files]
+        return [(f.stem, _read_utf8(f)) for f in files]
     if path.is_file():
         out = []
         for i, obj in enumerate(_read_jsonl(path), 1):

@@ -16,6 +16,6 @@ def iter_jsonl(lines: Iterable[str], error: Callable[[int, str], Exception]) -> 
             continue
         try:
             value = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise error(no, f"invalid JSON ({exc.msg})") from exc
+        except ValueError as exc:  # JSONDecodeError, and integers over Python's 4300-digit conversion limit
+            raise error(no, f"invalid JSON ({getattr(exc, 'msg', exc)})") from exc
         yield no, value

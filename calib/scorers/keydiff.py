@@ -25,6 +25,6 @@ class KeyDiff(Scorer):
     name: ClassVar[str] = "keydiff"
 
     def score(self, cap: Capture, ctx: ScoreContext | None = None) -> torch.Tensor:
-        k = cap.keys.float()  # (L, Hkv, N, d)
-        anchor = F.normalize(k, dim=-1).mean(dim=2, keepdim=True)  # (L, Hkv, 1, d)
-        return -F.cosine_similarity(k, anchor, dim=-1)  # (L, Hkv, N)
+        kn = F.normalize(cap.keys.float(), dim=-1)  # (L, Hkv, N, d) k_j / ‖k_j‖
+        anchor = F.normalize(kn.mean(dim=2, keepdim=True), dim=-1)  # (L, Hkv, 1, d) a / ‖a‖
+        return -(kn @ anchor.transpose(-1, -2))[..., 0]  # (L, Hkv, N) −cos(k_i, a)

@@ -78,8 +78,13 @@ def calibrate_cmd(
     if out.exists() and out.is_dir():
         fail(f"--out {str(out)!r} is a folder; give a .jsonl file")
     done = done_keys(read_labels(out, must_exist=False))
-    eng = load_engine(model)
-    docs = load_corpus(corpus, eng.tokenizer, min_tokens, max_tokens, limit=limit, seed=shuffle)
+    from kvcalib.commands.stages import Stages
+
+    with Stages(quiet=quiet) as stages:
+        with stages.stage(f"loading model {model}"):
+            eng = load_engine(model)
+        with stages.stage(f"cutting {corpus} into {min_tokens}..{max_tokens}-token documents"):
+            docs = load_corpus(corpus, eng.tokenizer, min_tokens, max_tokens, limit=limit, seed=shuffle)
     ph = config.params_hash()
     todo = [d for d in docs if (d.content_hash, ph) not in done]
     console.print(f"[dim]{len(docs)} documents, {len(docs) - len(todo)} already labelled, {len(todo)} to go "

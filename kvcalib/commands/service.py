@@ -30,7 +30,7 @@ def _unavailable_is_error(fn):
         try:
             return fn(*args, **kwargs)
         except UnavailableError as exc:
-            fail(str(exc), code=3)
+            fail(str(exc), code=3, kind=type(exc).__name__)
 
     return wrapper
 

@@ -7,6 +7,7 @@ from kvcalib.service import repository as repo
 from kvcalib.service.db import Database
 from kvcalib.service.errors import NotFoundError
 from kvcalib.service.inputs import CalibrationParams, DocumentInput
+from kvcalib.service.limits import SyncLimiter
 from kvcalib.service.predictions import Predictors, user_params_errors
 from kvcalib.service.runtime import EngineLoader, model_info
 from kvcalib.service.validation import RequestValidator, check_names
@@ -14,8 +15,10 @@ from kvcalib.service.views import BudgetView
 
 
 class Budgets:
-    def __init__(self, db: Database, validator: RequestValidator, predictors: Predictors, load_engine: EngineLoader):
+    def __init__(self, db: Database, validator: RequestValidator, predictors: Predictors, load_engine: EngineLoader,
+                 limiter: SyncLimiter):
         self.db, self.validator, self.predictors, self.load_engine = db, validator, predictors, load_engine
+        self.limiter = limiter
 
     def stored(self, document_hash: str, model: str, tolerance: float, method: str | None = None,
                allocator: str | None = None) -> BudgetView:
@@ -50,10 +53,14 @@ class Budgets:
                                         tolerance=p.tolerance, method=p.method, allocator=p.allocator)
                 if view is not None:
                     return view
-        engine = self.load_engine(p.model)
         predictor = self.predictors.for_request(config, p)
-        with user_params_errors(p):
-            pred = predict(engine, resolved.text, config, predictor)
+
+        def work():
+            engine = self.load_engine(p.model)
+            with user_params_errors(p):
+                return predict(engine, resolved.text, config, predictor)
+
+        pred = self.limiter.run(work)  # 429 past the concurrency cap, 503 past the time limit
         return BudgetView(source="predicted", document_hash=resolved.content_hash, model=info.name,
                           model_revision=info.revision, method=p.method, allocator=p.allocator,
                           tolerance=p.tolerance, ratio=float(pred.ratio), token_budget=int(pred.token_budget),

@@ -6,15 +6,18 @@ from __future__ import annotations
 from kvcalib.service import repository as repo
 from kvcalib.service.db import Database
 from kvcalib.service.inputs import CalibrationParams, DocumentInput
+from kvcalib.service.limits import SyncLimiter
 from kvcalib.service.predictions import Predictors, user_params_errors
 from kvcalib.service.runtime import EngineLoader, model_info
 from kvcalib.service.validation import RequestValidator
-from kvcalib.service.views import CompressedCache, CompressionInfo, CompressSource
+from kvcalib.service.views import CompressedCache, CompressionInfo
 
 
 class Compressor:
-    def __init__(self, db: Database, validator: RequestValidator, predictors: Predictors, load_engine: EngineLoader):
+    def __init__(self, db: Database, validator: RequestValidator, predictors: Predictors, load_engine: EngineLoader,
+                 limiter: SyncLimiter):
         self.db, self.validator, self.predictors, self.load_engine = db, validator, predictors, load_engine
+        self.limiter = limiter
 
     def compress(self, doc: DocumentInput, p: CalibrationParams, ratio: float | None = None) -> CompressedCache:
         """Compress the document's KV cache at ``ratio`` (else the stored profile's budgets at τ, else the
@@ -35,27 +38,32 @@ class Compressor:
                 allocator=p.allocator)
             assert resolved.row is not None  # persisted
             doc_id = resolved.row.id
-        engine = self.load_engine(p.model)
-        with user_params_errors(p):
-            feats, cap, scores = featurize(engine, resolved.text, config)  # scores: (L, Hkv, N)
-            source: CompressSource = "ratio"
-            counts = None
-            if ratio is None and profile is not None:
-                ratio, source = float(profile.ratio), "profile"
-                if len(profile.head_budgets) == scores.shape[0] and profile.context_tokens == scores.shape[-1]:
-                    counts = torch.tensor(profile.head_budgets, dtype=torch.long)  # (L, Hkv) the stored budgets
-            elif ratio is None:  # the prediction from the features just computed (no second prefill)
-                predictor = self.predictors.for_request(config, p)
-                r = float(predictor.predict([feats])[0])
-                ratio, source = min(max(r, 0.0), max(config.ratios), 0.999), "predicted"
-            if counts is None:
-                _, head_budgets = budgets_at(scores, ratio, p.allocator, **config.allocator_params)
-                counts = torch.as_tensor(head_budgets, dtype=torch.long)  # (L, Hkv)
-            keep = select_topk(scores, counts)  # (L, Hkv, N) bool
-            cache = RaggedKVCache.from_mask(cap.keys, cap.values, keep)
-        meta = CompressionInfo(model=info.name, model_revision=info.revision, method=p.method, allocator=p.allocator,
-                               tolerance=p.tolerance, ratio=float(ratio), budget_source=source,
-                               document_hash=resolved.content_hash, document_id=doc_id)
-        data = cache_to_safetensors(cache, cap.input_ids, meta.metadata())
-        return CompressedCache(data=data, info=meta, achieved_ratio=1.0 - float(keep.float().mean()),
-                               context_tokens=int(cap.num_tokens))
+
+        def work() -> CompressedCache:  # in a slot of the limiter: 429 past the cap, 503 past the time limit
+            ratio_, source, version = ratio, "ratio", None  # CompressSource
+            engine = self.load_engine(p.model)
+            with user_params_errors(p):
+                feats, cap, scores = featurize(engine, resolved.text, config)  # scores: (L, Hkv, N)
+                counts = None
+                if ratio_ is None and profile is not None:
+                    ratio_, source = float(profile.ratio), "profile"
+                    if len(profile.head_budgets) == scores.shape[0] and profile.context_tokens == scores.shape[-1]:
+                        counts = torch.tensor(profile.head_budgets, dtype=torch.long)  # (L, Hkv) the stored budgets
+                elif ratio_ is None:  # the prediction from the features just computed (no second prefill)
+                    predictor = self.predictors.for_request(config, p)
+                    r, version = float(predictor.predict([feats])[0]), predictor.version
+                    ratio_, source = min(max(r, 0.0), max(config.ratios), 0.999), "predicted"
+                if counts is None:
+                    _, head_budgets = budgets_at(scores, ratio_, p.allocator, **config.allocator_params)
+                    counts = torch.as_tensor(head_budgets, dtype=torch.long)  # (L, Hkv)
+                keep = select_topk(scores, counts)  # (L, Hkv, N) bool
+                cache = RaggedKVCache.from_mask(cap.keys, cap.values, keep)
+            meta = CompressionInfo(model=info.name, model_revision=info.revision, method=p.method,
+                                   allocator=p.allocator, tolerance=p.tolerance, ratio=float(ratio_),
+                                   budget_source=source, document_hash=resolved.content_hash, document_id=doc_id,
+                                   predictor_version=version)
+            data = cache_to_safetensors(cache, cap.input_ids, meta.metadata())
+            return CompressedCache(data=data, info=meta, achieved_ratio=1.0 - float(keep.float().mean()),
+                                   context_tokens=int(cap.num_tokens))
+
+        return self.limiter.run(work)

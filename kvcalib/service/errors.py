@@ -28,3 +28,19 @@ class UnavailableError(Exception):
     """A dependency (broker, database) is down: HTTP 503. Not the caller's fault, hence not a KvcalibError."""
 
     status_code = 503
+    retry_after = 5  # seconds, the Retry-After header
+
+
+class BusyError(UnavailableError):
+    """Every synchronous-work slot of this process is taken and the wait queue is full (or waited out): HTTP 429."""
+
+    status_code = 429
+    retry_after = 2
+
+
+class TimeLimitError(UnavailableError):
+    """Synchronous work ran past ``KVCALIB_SYNC_TIMEOUT``: HTTP 503 (the computation ends in the background, still
+    holding its slot, so abandoned work never exceeds the concurrency cap)."""
+
+    status_code = 503
+    retry_after = 10

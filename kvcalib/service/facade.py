@@ -2,7 +2,8 @@
 thin (parse, call one method, serialise); ``Service`` composes small collaborators, one concept each:
 
 * ``RequestValidator`` (``validation.py``) — parameters → ``CalibrationParams`` / ``CalibrationConfig``, documents;
-* ``Submitter`` (``submission.py``) — jobs and batches written and dispatched, retries, resume after restart;
+* ``Submitter`` (``submission.py``) — jobs and batches written and dispatched, retries, and the sweeper
+  (``sweeper.py``) that dispatches again runs whose lease expired or whose message was lost;
 * ``StoreReader`` (``queries.py``) — job, batch and profile views; ``plots.curve_png`` — the curve of a profile;
 * ``Budgets`` (``budgets.py``) — stored and predicted budgets, with ``Predictors`` (``predictions.py``);
 * ``Compressor`` (``compress.py``) — the compressed KV cache download.
@@ -21,14 +22,17 @@ from kvcalib.service.budgets import Budgets
 from kvcalib.service.compress import Compressor
 from kvcalib.service.db import Database, check_schema
 from kvcalib.service.dispatch import Dispatcher
+from kvcalib.service.documents import Documents
 from kvcalib.service.inputs import CalibrationParams, DocumentInput
+from kvcalib.service.limits import SyncLimiter
 from kvcalib.service.plots import curve_png
 from kvcalib.service.predictions import Predictors
-from kvcalib.service.queries import StoreReader
+from kvcalib.service.queries import Histogram, StoreReader, profile_histograms
 from kvcalib.service.runtime import EngineLoader
 from kvcalib.service.submission import Submitter
 from kvcalib.service.validation import RequestValidator
-from kvcalib.service.views import BatchView, BudgetView, CompressedCache, JobView, ProfileView, Readiness
+from kvcalib.service.views import (BatchView, BudgetView, CompressedCache, DocumentDeletion, JobView, ProfileView,
+                                   Readiness)
 
 if TYPE_CHECKING:
     from kvcalib.settings import Settings
@@ -47,8 +51,10 @@ class Service:
         self.reader = StoreReader(db)
         self.submitter = Submitter(db, settings, dispatcher, self.validator, self.reader)
         self.predictors = Predictors(db, settings)
-        self.budgets = Budgets(db, self.validator, self.predictors, self.load_engine)
-        self.compressor = Compressor(db, self.validator, self.predictors, self.load_engine)
+        self.limiter = SyncLimiter(settings.sync_concurrency, settings.sync_queue, settings.sync_timeout)
+        self.budgets = Budgets(db, self.validator, self.predictors, self.load_engine, self.limiter)
+        self.compressor = Compressor(db, self.validator, self.predictors, self.load_engine, self.limiter)
+        self.documents = Documents(db, settings.store_document_text)
 
     # ------------------------------------------------------------------------------------------------ validation
     def params(self, model: str | None = None, method: str | None = None, allocator: str | None = None,
@@ -59,30 +65,63 @@ class Service:
     # ------------------------------------------------------------------------------------------------ jobs, batches
     def submit(self, doc: DocumentInput, p: CalibrationParams) -> tuple[JobView, bool]:
         """Create (or find) the run of a document and dispatch it. Returns (job view, finished already)."""
-        return self.submitter.submit(doc, p)
+        out = self.submitter.submit(doc, p)
+        self.documents.forget_texts()  # hash-only mode: a resubmitted finished document needs no text
+        return out
 
     def submit_many(self, docs: Sequence[DocumentInput], p: CalibrationParams) -> list[JobView]:
-        return self.submitter.submit_many(docs, p)
+        out = self.submitter.submit_many(docs, p)
+        self.documents.forget_texts()
+        return out
 
     def submit_batch(self, docs: Sequence[DocumentInput], p: CalibrationParams) -> BatchView:
-        return self.submitter.submit_batch(docs, p)
+        out = self.submitter.submit_batch(docs, p)
+        self.documents.forget_texts()
+        return out
 
     def retry(self, run_id: int) -> JobView:
         """Queue a failed (or stale) job again (409 for other states)."""
         return self.submitter.retry(run_id)
 
     def resume_unfinished(self) -> int:
-        """Embedded mode start-up: queue again the runs a previous process left queued or running."""
+        """Start-up sweep: dispatch again the runs left behind (lost messages, expired leases); how many."""
         return self.submitter.resume_unfinished()
 
+    def start_sweeper(self) -> None:
+        """Sweep for expired leases and lost messages periodically (``kvcalib.service.sweeper``, a thread)."""
+        self.submitter.start_sweeper()
+
+    def stop_sweeper(self) -> None:
+        self.submitter.stop_sweeper()
+
     def job(self, run_id: int) -> JobView:
-        return self.reader.job(run_id)
+        view = self.reader.job(run_id)
+        if view.status in ("succeeded", "failed"):
+            self.documents.forget_texts(view.document_id)  # hash-only mode: its job no longer needs the text
+        return view
 
     def batch(self, batch_id: int, items: bool = True) -> BatchView:
-        return self.reader.batch(batch_id, items=items)
+        view = self.reader.batch(batch_id, items=items)
+        if view.done:
+            self.documents.forget_texts()
+        return view
 
     def job_counts(self) -> dict[str, int]:
         return self.reader.job_counts()
+
+    def profile_histograms(self, r_bounds: Sequence[float], seconds_bounds: Sequence[float]
+                           ) -> tuple[Histogram, Histogram]:
+        """r* and calibration seconds of every stored profile (``/metrics``)."""
+        return profile_histograms(self.db, r_bounds, seconds_bounds)
+
+    # ------------------------------------------------------------------------------------------------ documents
+    def delete_document(self, document_id: int) -> DocumentDeletion:
+        """Delete a document, its text, runs, curves and profiles (409 while one of its jobs is unfinished)."""
+        return self.documents.delete(document_id)
+
+    def forget_texts(self) -> int:
+        """Hash-only mode (``store_document_text=False``): erase the texts no unfinished job needs."""
+        return self.documents.forget_texts()
 
     # ------------------------------------------------------------------------------------------------ profiles
     def profile(self, profile_id: int) -> ProfileView:

@@ -3,11 +3,16 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from kvcalib.calib.data.jsonl import iter_jsonl
 from kvcalib.service.errors import ServiceInputError, TooLargeError
+
+MAX_ID = 2**63 - 1  # ids are BIGINT on PostgreSQL: larger integers are invalid ids, not database overflows
+MAX_SOURCE_CHARS = 1000  # documents.source
+HASH_PATTERN = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass
@@ -54,6 +59,34 @@ def validate_text(text: str, max_bytes: int) -> bytes:
     return data
 
 
+def check_string(value: Any, what: str, max_chars: int | None = None) -> str:
+    """A string the store can hold on SQLite and PostgreSQL alike: valid Unicode (no lone surrogates), no NUL
+    characters (PostgreSQL text cannot hold them), at most ``max_chars`` characters."""
+    if not isinstance(value, str):
+        raise ServiceInputError(f"{what} must be a string")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ServiceInputError(f"{what} is not valid Unicode (lone surrogate at {exc.start})") from exc
+    if "\x00" in value:
+        raise ServiceInputError(f"{what} contains NUL characters")
+    if max_chars is not None and len(value) > max_chars:
+        raise ServiceInputError(f"{what} is {len(value)} characters long, over the limit of {max_chars}")
+    return value
+
+
+def check_document_id(value: Any, what: str = "`document_id`") -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_ID:
+        raise ServiceInputError(f"{what} must be an integer in [1, 2^63 - 1], got {str(value)[:40]}")
+    return value
+
+
+def check_document_hash(value: Any, what: str = "`document_hash`") -> str:
+    if not isinstance(value, str) or HASH_PATTERN.fullmatch(value) is None:
+        raise ServiceInputError(f"{what} must be the SHA-256 of the text: 64 lowercase hex digits")
+    return value
+
+
 def decode_utf8(data: bytes, what: str = "upload") -> str:
     try:
         return data.decode("utf-8")
@@ -85,8 +118,10 @@ def _document_of_object(no: int, obj: dict[str, Any]) -> DocumentInput:
     src = obj.get("source", obj.get("id"))
     if t is not None and not isinstance(t, str):
         raise ServiceInputError(f"line {no}: `text` must be a string")
-    if did is not None and (not isinstance(did, int) or isinstance(did, bool) or did < 1):
-        raise ServiceInputError(f"line {no}: `document_id` must be a positive integer")
-    if dh is not None and not isinstance(dh, str):
-        raise ServiceInputError(f"line {no}: `document_hash` must be a string")
-    return DocumentInput(text=t, document_id=did, document_hash=dh, source=None if src is None else str(src)[:1000])
+    if did is not None:
+        check_document_id(did, f"line {no}: `document_id`")
+    if dh is not None:
+        check_document_hash(dh, f"line {no}: `document_hash`")
+    if src is not None:  # `id` may be any JSON scalar (a number, …): stored as its text
+        src = check_string(src if isinstance(src, str) else str(src), f"line {no}: `source`/`id`")[:MAX_SOURCE_CHARS]
+    return DocumentInput(text=t, document_id=did, document_hash=dh, source=src)

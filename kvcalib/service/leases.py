@@ -68,7 +68,8 @@ def new_owner() -> str:
     return f"{socket.gethostname()[:100]}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
 
 
-def _not_live(now: dt.datetime):
+def not_live(now: dt.datetime):
+    """SQL condition: nobody holds the lease at ``now``."""
     return or_(CalibrationRun.lease_expires_at.is_(None), CalibrationRun.lease_expires_at < now)
 
 
@@ -84,7 +85,7 @@ def claim(s: Session, *, run_id: int, owner: str, lease_seconds: float, attempt:
     if task_id:
         values["task_id"] = task_id
     res = s.execute(update(CalibrationRun)
-                    .where(CalibrationRun.id == run_id, CalibrationRun.status.in_(UNFINISHED), _not_live(now),
+                    .where(CalibrationRun.id == run_id, CalibrationRun.status.in_(UNFINISHED), not_live(now),
                            CalibrationRun.attempts == attempt - 1)
                     .values(**values).execution_options(synchronize_session=False))
     return res.rowcount == 1

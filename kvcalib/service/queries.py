@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from sqlalchemy.orm import Session
 
@@ -54,3 +55,33 @@ class StoreReader:
         """Jobs per status (every ``RunStatus`` value present)."""
         with self.db.session() as s:
             return repo.run_counts(s)
+
+
+@dataclass(frozen=True)
+class Histogram:
+    """Cumulative bucket counts (``le`` upper bounds, the last one +inf), the count and the sum of a column."""
+
+    buckets: list[tuple[float, int]]
+    count: int
+    total: float
+
+
+def column_histogram(s: Session, column, bounds: Sequence[float]) -> Histogram:
+    """One aggregate query: how many non-null values of ``column`` lie at or below each bound (Prometheus ``le``)."""
+    from sqlalchemy import case, func, select
+
+    cols = [func.count(column), func.coalesce(func.sum(column), 0.0)]
+    cols += [func.coalesce(func.sum(case((column <= b, 1), else_=0)), 0) for b in bounds]
+    row = s.execute(select(*cols).where(column.is_not(None))).one()
+    count, total, per = int(row[0]), float(row[1]), [int(x) for x in row[2:]]
+    return Histogram(buckets=[*zip(bounds, per), (float("inf"), count)], count=count, total=total)
+
+
+def profile_histograms(db: Database, r_bounds: Sequence[float], seconds_bounds: Sequence[float]
+                       ) -> tuple[Histogram, Histogram]:
+    """(r*, calibration seconds) of every stored profile, as histograms (the store-wide figures behind
+    ``/metrics``: whichever process or worker calibrated them)."""
+    from kvcalib.service.orm import Profile
+
+    with db.session() as s:
+        return column_histogram(s, Profile.r_star, r_bounds), column_histogram(s, Profile.seconds, seconds_bounds)

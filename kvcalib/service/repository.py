@@ -77,6 +77,43 @@ def get_document_by_hash(s: Session, *, content_hash: str) -> Document | None:
     return s.scalars(select(Document).where(Document.content_hash == content_hash)).one_or_none()
 
 
+UNFINISHED = (RunStatus.queued.value, RunStatus.running.value)
+
+
+def unfinished_runs_of_document(s: Session, *, document_id: int) -> list[int]:
+    return list(s.scalars(select(CalibrationRun.id).where(CalibrationRun.document_id == document_id,
+                                                          CalibrationRun.status.in_(UNFINISHED))))
+
+
+def delete_document(s: Session, *, document_id: int) -> dict[str, int]:
+    """Delete a document with everything derived from it: its runs (jobs), their curve points and batch items,
+    its profiles. Explicit deletes child-first (the foreign keys also cascade). Returns the rows deleted per
+    table."""
+    from sqlalchemy import delete
+
+    runs = select(CalibrationRun.id).where(CalibrationRun.document_id == document_id).scalar_subquery()
+    counts = {}
+    for name, stmt in (
+        ("batch_items", delete(BatchItem).where(BatchItem.run_id.in_(runs))),
+        ("curve_points", delete(CurvePoint).where(CurvePoint.run_id.in_(runs))),
+        ("profiles", delete(Profile).where(Profile.document_id == document_id)),
+        ("runs", delete(CalibrationRun).where(CalibrationRun.document_id == document_id)),
+        ("documents", delete(Document).where(Document.id == document_id)),
+    ):
+        counts[name] = s.execute(stmt.execution_options(synchronize_session=False)).rowcount
+    return counts
+
+
+def forget_texts(s: Session, *, document_id: int | None = None) -> int:
+    """Hash-only retention: erase the text of documents (all, or one) with no unfinished run; returns how many."""
+    busy = select(CalibrationRun.id).where(CalibrationRun.document_id == Document.id,
+                                           CalibrationRun.status.in_(UNFINISHED)).exists()
+    stmt = update(Document).where(Document.text != "", ~busy)
+    if document_id is not None:
+        stmt = stmt.where(Document.id == document_id)
+    return s.execute(stmt.values(text="").execution_options(synchronize_session=False)).rowcount
+
+
 # ---------------------------------------------------------------------------------------------------- runs (jobs)
 def get_or_create_run(s: Session, *, document: Document, model: Model, params: dict, params_hash: str, method: str,
                       allocator: str, tolerance: float) -> tuple[CalibrationRun, bool]:
@@ -111,6 +148,7 @@ def requeue_run(s: Session, *, run: CalibrationRun, reset_attempts: bool = True)
     run.message = "queued (retry)"
     run.finished_at = None
     run.updated_at = utcnow()
+    run.lease_owner = run.lease_expires_at = None  # only requeued when nobody holds it (failed, or lease expired)
     if reset_attempts:
         run.attempts = 0
 

@@ -6,6 +6,7 @@ A run is keyed by (document, model, parameters hash), so submitting the same req
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -15,14 +16,18 @@ from kvcalib.service.db import Database
 from kvcalib.service.dispatch import Dispatcher
 from kvcalib.service.errors import ConflictError, NotFoundError, ServiceInputError, TooLargeError, UnavailableError
 from kvcalib.service.inputs import CalibrationParams, DocumentInput
+from kvcalib.service.leases import LeasePolicy, as_utc, is_live
 from kvcalib.service.orm import CalibrationRun, RunStatus, utcnow
 from kvcalib.service.queries import StoreReader
 from kvcalib.service.runtime import model_info
+from kvcalib.service.sweeper import Sweeper
 from kvcalib.service.validation import RequestValidator
 from kvcalib.service.views import BatchView, JobView
 
 if TYPE_CHECKING:
     from kvcalib.settings import Settings
+
+log = logging.getLogger("kvcalib.jobs")
 
 
 class Submitter:
@@ -30,6 +35,7 @@ class Submitter:
                  reader: StoreReader):
         self.db, self.settings, self.dispatcher = db, settings, dispatcher
         self.validator, self.reader = validator, reader
+        self.sweeper: Sweeper | None = None
 
     def submit(self, doc: DocumentInput, p: CalibrationParams) -> tuple[JobView, bool]:
         """Create (or find) the run of a document and dispatch it. Returns (job view, finished already)."""
@@ -60,7 +66,6 @@ class Submitter:
         dispatcher = self._executor()
         config = self.validator.config(p)
         info = model_info(p.model)
-        dispatcher.check()  # a down broker answers 503 before anything is written
         params, phash = config.to_dict(), config.params_hash()
         to_dispatch: list[int] = []
         run_ids: list[int] = []
@@ -68,7 +73,9 @@ class Submitter:
             model_row = repo.get_or_create_model(s, name=info.name, revision=info.revision)
             for i, d in enumerate(docs):
                 try:
-                    row = self.validator.document(s, d, info).row
+                    resolved = self.validator.document(s, d, info)
+                    self.validator.check_calibratable(resolved.tokens, config)  # too short: 422 now, not in the job
+                    row = resolved.row
                 except KvcalibError as exc:
                     if len(docs) > 1:
                         raise type(exc)(f"document {i}: {exc}") from exc
@@ -82,36 +89,41 @@ class Submitter:
                 elif run.status == RunStatus.failed.value or self._stale(run):
                     repo.requeue_run(s, run=run)
                     to_dispatch.append(run.id)
+            if to_dispatch:  # a down broker answers 503 before anything is committed (the session rolls back);
+                dispatcher.check()  # finished documents need no broker: their stored result is answered
             batch_id = None
             if batch:
                 batch_id = repo.create_batch(s, run_ids=run_ids, params={
                     "model": p.model, "method": p.method, "allocator": p.allocator, "tolerance": p.tolerance,
                     "options": p.options}).id
         for run_id in dict.fromkeys(to_dispatch):
-            self._dispatch(dispatcher, run_id)
+            if not self._dispatch(dispatcher, run_id):
+                break  # the broker is down: the remaining runs are queued too, and swept later like this one
         return run_ids, batch_id
 
     def _stale(self, run: CalibrationRun) -> bool:
-        """A queued/running run untouched for longer than the broker's visibility timeout lost its message."""
-        if run.status not in (RunStatus.queued.value, RunStatus.running.value):
+        """Nobody executes the run: a running run whose lease expired (dead worker), or a queued one untouched for
+        longer than the broker's visibility timeout (the sweeper dispatches both again by itself)."""
+        if run.status not in (RunStatus.queued.value, RunStatus.running.value) or is_live(run):
             return False
-        updated = run.updated_at
-        if updated.tzinfo is None:
-            updated = updated.replace(tzinfo=utcnow().tzinfo)
-        return (utcnow() - updated).total_seconds() > self.settings.broker_visibility_timeout
+        if run.status == RunStatus.running.value and run.lease_expires_at is not None:
+            return True
+        return (utcnow() - as_utc(run.updated_at)).total_seconds() > self.settings.broker_visibility_timeout
 
-    def _dispatch(self, dispatcher: Dispatcher, run_id: int) -> None:
+    def _dispatch(self, dispatcher: Dispatcher, run_id: int) -> bool:
+        """Send the run's message; False when the executor refused it (broker down between check and submit):
+        the run stays queued and the sweeper sends it once the broker is back — nothing accepted is lost."""
         try:
             task_id = dispatcher.submit(run_id)
         except Exception as exc:  # noqa: BLE001 - broker down between check and submit
+            log.warning("run %s could not be queued (%s: %s); the sweeper will send it", run_id,
+                        type(exc).__name__, exc)
             with self.db.session() as s:
-                repo.set_run(s, run_id=run_id, status=RunStatus.failed.value, message="could not be queued",
-                             error=f"job queue unavailable: {exc}", finished_at=utcnow())
-            raise UnavailableError(f"the job queue is unavailable ({type(exc).__name__}: {exc}); "
-                                   "resubmit later — the failed job is retried on resubmission") from exc
-        if task_id:
-            with self.db.session() as s:
-                repo.set_run(s, run_id=run_id, task_id=task_id)
+                repo.set_run(s, run_id=run_id, message="waiting for the job queue (sent again automatically)")
+            return False
+        with self.db.session() as s:
+            repo.set_run(s, run_id=run_id, dispatched_at=utcnow(), **({"task_id": task_id} if task_id else {}))
+        return True
 
     def retry(self, run_id: int) -> JobView:
         dispatcher = self._executor()
@@ -124,17 +136,29 @@ class Submitter:
                 raise ConflictError(f"job {run_id} already succeeded")
             if run.status != RunStatus.failed.value and not self._stale(run):
                 raise ConflictError(f"job {run_id} is {run.status}; only failed (or stale) jobs can be retried")
+            if not run.document.text:  # hash-only mode erased it: the job could not read its document
+                raise ConflictError(f"the text of job {run_id}'s document is not stored (KVCALIB_STORE_DOCUMENT_TEXT"
+                                    "=false): resubmit it with its `text` (POST /calibrate mode=full)")
             repo.requeue_run(s, run=run)
         self._dispatch(dispatcher, run_id)
         return self.reader.job(run_id)
 
     def resume_unfinished(self) -> int:
-        """Embedded mode start-up: queue again the runs a previous process left queued or running."""
-        dispatcher = self._executor()
-        with self.db.session() as s:
-            ids = repo.unfinished_runs(s)
-            for r in ids:
-                repo.set_run(s, run_id=r, status=RunStatus.queued.value, message="resumed after restart")
-        for r in ids:
-            dispatcher.submit(r)
-        return len(ids)
+        """Start-up sweep: dispatch again the runs a previous process left behind — queued ones whose message is
+        gone (all of them for a fresh in-process executor) and running ones whose lease expired (a run still
+        leased by a process that died is taken over once its lease expires, by the periodic sweeper)."""
+        sweeper = self._sweeper()
+        return sweeper.sweep(grace=0.0 if self._executor().kind == "in-process" else None).dispatched
+
+    def _sweeper(self) -> Sweeper:
+        if self.sweeper is None:
+            self.sweeper = Sweeper(self.db, self._executor(), LeasePolicy.from_settings(self.settings))
+        return self.sweeper
+
+    def start_sweeper(self) -> None:
+        """Sweep for expired leases and lost messages every ``job_sweep_interval`` seconds (a daemon thread)."""
+        self._sweeper().start()
+
+    def stop_sweeper(self) -> None:
+        if self.sweeper is not None:
+            self.sweeper.stop()

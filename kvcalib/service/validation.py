@@ -14,7 +14,8 @@ from kvcalib.calib.data.documents import content_hash
 from kvcalib.calib.errors import KvcalibError
 from kvcalib.service import repository as repo
 from kvcalib.service.errors import NotFoundError, ServiceInputError, TooLargeError
-from kvcalib.service.inputs import CalibrationParams, DocumentInput, validate_text
+from kvcalib.service.inputs import (MAX_SOURCE_CHARS, CalibrationParams, DocumentInput, check_document_hash,
+                                    check_document_id, check_string, validate_text)
 from kvcalib.service.orm import Document
 from kvcalib.service.runtime import ModelInfo, check_model_name
 
@@ -47,9 +48,33 @@ def check_names(model: str, method: str | None, allocator: str | None) -> None:
         raise ServiceInputError(f"unknown allocator {allocator!r}: expected one of {available_allocators()}")
 
 
-def check_method_params(method: str, params: Any) -> None:
+MAX_POSITIONS = 1 << 20  # windows and protected counts beyond any context the service accepts
+# Ranges [lo, hi] of the methods' integer and float hyperparameters, by name (the same name means the same thing
+# in every method): windows, kernels and sink counts > 0, protected counts ≥ 0, ridge ρ ≥ 0. Values outside are a
+# 422 before any work — inside a worker they would fail the job, or (n_pseudo) cost seconds of CPU per token.
+PARAM_RANGES: dict[str, tuple[float, float]] = {
+    "window": (1, MAX_POSITIONS), "draft_window": (1, MAX_POSITIONS), "local_window": (1, MAX_POSITIONS),
+    "obs_window": (0, MAX_POSITIONS), "kernel": (1, 255), "pool_kernel": (1, 255), "sinks": (1, MAX_POSITIONS),
+    "protect_first": (0, MAX_POSITIONS), "protect_last": (0, MAX_POSITIONS), "sketch_dim": (1, 4096),
+    "projection_dim": (1, 4096), "chunk": (1, MAX_POSITIONS), "seed": (0, 2**32 - 1), "rho": (0.0, 1e12),
+    "blend": (0.0, 1e6),
+}
+PSEUDO_TOKENS = "n_pseudo"  # capped by KVCALIB_MAX_PSEUDO_TOKENS
+
+
+def param_choices() -> dict[str, tuple[str, ...]]:
+    """The valid values of the methods' string hyperparameters, by name."""
+    from kvcalib.calib.budget import available_allocators
+    from kvcalib.calib.scorers.curdkv import LEVERAGES
+    from kvcalib.calib.scorers.obcache import SALIENCIES
+
+    return {"pooling": ("max", "avg"), "gqa": ("mean", "sum", "max"), "leverage": tuple(LEVERAGES),
+            "saliency": tuple(SALIENCIES), "draft_allocator": tuple(available_allocators())}
+
+
+def check_method_params(method: str, params: Any, max_pseudo_tokens: int = 32) -> None:
     """Method hyperparameters must have the type of their default (a string where an int is expected would only
-    fail later, inside a worker)."""
+    fail later, inside a worker) and lie in their range (``PARAM_RANGES``, ``param_choices``)."""
     from kvcalib.calib.scorers import SCORERS, UnknownMethodError
 
     if not isinstance(params, dict):
@@ -61,6 +86,8 @@ def check_method_params(method: str, params: Any) -> None:
     unknown = sorted(set(params) - set(defaults))
     if unknown:
         raise UnknownMethodError(f"unknown parameter(s) {unknown} for method {method!r}: expected {sorted(defaults)}")
+    ranges = dict(PARAM_RANGES, **{PSEUDO_TOKENS: (1, max_pseudo_tokens)})
+    choices = param_choices()
     for k, v in params.items():
         d = defaults[k]
         if isinstance(d, bool):
@@ -75,7 +102,24 @@ def check_method_params(method: str, params: Any) -> None:
             ok = True
         if not ok:
             raise ServiceInputError(f"method parameter {k!r} of {method!r} must be a {type(d).__name__} "
-                                    f"(default {d!r}), got {v!r}")
+                                    f"(default {d!r}), got {_short(v)}")
+        if k in ranges and not isinstance(d, bool):
+            lo, hi = ranges[k]
+            if not lo <= v <= hi:
+                limit = " (KVCALIB_MAX_PSEUDO_TOKENS)" if k == PSEUDO_TOKENS else ""
+                raise ServiceInputError(f"method parameter {k!r} of {method!r} must lie in [{lo}, {hi}]{limit}, "
+                                        f"got {_short(v)}")
+        if k in choices and isinstance(d, str) and v not in choices[k]:
+            raise ServiceInputError(f"method parameter {k!r} of {method!r} must be one of {list(choices[k])}, "
+                                    f"got {_short(v)}")
+
+
+def _short(v: Any) -> str:
+    """A value for an error message: never a huge integer's 4300-digit conversion, never a megabyte string."""
+    if isinstance(v, int) and not isinstance(v, bool) and abs(v) > 10**30:
+        return f"an integer of about {v.bit_length()} bits"
+    text = repr(v)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 class RequestValidator:
@@ -99,14 +143,13 @@ class RequestValidator:
         p.options = with_promoted_params(p.options, p.model, p.method, p.allocator, s.data_dir)
         return p
 
-    @staticmethod
-    def config(p: CalibrationParams) -> CalibrationConfig:
+    def config(self, p: CalibrationParams) -> CalibrationConfig:
         """The validated ``CalibrationConfig`` of request parameters (its errors are KvcalibErrors → 422)."""
         from kvcalib.calib.calibration.calibrate import CalibrationConfig
 
         d = dict(p.options)
         d.update(method=p.method, allocator=p.allocator, tolerance=p.tolerance)
-        check_method_params(p.method, d.get("method_params") or {})
+        check_method_params(p.method, d.get("method_params") or {}, self.settings.max_pseudo_tokens)
         if "ratios" in d and d["ratios"] is not None:
             d["ratios"] = tuple(sorted({float(r) for r in d["ratios"]}))
         try:
@@ -128,24 +171,50 @@ class RequestValidator:
                                 f"{info.max_positions} minus {CONTEXT_RESERVE} reserved)")
         return n
 
-    def document(self, s: Session, doc: DocumentInput, info: ModelInfo, persist: bool = True) -> ResolvedDocument:
-        """The request's document: its text checked (and stored when ``persist``), or the stored document it names."""
+    @staticmethod
+    def check_calibratable(tokens: int, config: CalibrationConfig) -> None:
+        """A full calibration needs room for its probes (cue + target tokens, 4 positions kept clear at the end,
+        ``calib.calibration.probes``): shorter documents are refused up front instead of failing in the job."""
+        need = config.cue_tokens + config.probe_tokens + 4
+        if config.n_probes > 0 and tokens < need:
+            raise ServiceInputError(f"document is {tokens} tokens long: a full calibration needs at least {need} "
+                                    f"(cue_tokens {config.cue_tokens} + probe_tokens {config.probe_tokens} + 4); "
+                                    "use mode=predict for shorter documents")
+
+    def document(self, s: Session, doc: DocumentInput, info: ModelInfo, persist: bool = True,
+                 keep_text: bool = True) -> ResolvedDocument:
+        """The request's document: its text checked (and stored when ``persist``), or the stored document it names.
+        ``keep_text=False`` stores the document by hash and size only when the settings ask for it
+        (``store_document_text``); full calibrations keep the text, which their job reads."""
         given = [x is not None for x in (doc.text, doc.document_id, doc.document_hash)]
         if sum(given) != 1:
             raise ServiceInputError("give exactly one of `text`, `document_id` or `document_hash`")
+        if doc.source is not None:
+            check_string(doc.source, "`source`", MAX_SOURCE_CHARS)
         if doc.text is not None:
-            validate_text(doc.text, self.settings.max_document_bytes)
+            data = validate_text(doc.text, self.settings.max_document_bytes)
             n = self.check_tokens(doc.text, info)
             h = content_hash(doc.text)
-            row = (repo.get_or_create_document(s, text=doc.text, content_hash=h, source=doc.source, token_count=n)
-                   if persist else repo.get_document_by_hash(s, content_hash=h))
+            if not persist:
+                return ResolvedDocument(row=repo.get_document_by_hash(s, content_hash=h), text=doc.text,
+                                        content_hash=h, tokens=n)
+            store = keep_text or self.settings.store_document_text
+            row = repo.get_or_create_document(s, text=doc.text if store else "", content_hash=h, source=doc.source,
+                                              token_count=n)
+            if store and row.text != doc.text:  # stored hash-only (or erased): a full job needs the text again
+                row.text = doc.text
+            if row.n_bytes != len(data):
+                row.n_bytes = len(data)
             return ResolvedDocument(row=row, text=doc.text, content_hash=h, tokens=n)
         if doc.document_id is not None:
-            row = repo.get_document(s, document_id=doc.document_id)
+            row = repo.get_document(s, document_id=check_document_id(doc.document_id))
         else:
-            row = repo.get_document_by_hash(s, content_hash=doc.document_hash)
+            row = repo.get_document_by_hash(s, content_hash=check_document_hash(doc.document_hash))
         if row is None:
             ref = f"id {doc.document_id}" if doc.document_id is not None else f"hash {doc.document_hash}"
             raise NotFoundError(f"no stored document with {ref}: send its `text` instead")
+        if not row.text:
+            raise ServiceInputError(f"the text of document {row.id} is not stored (KVCALIB_STORE_DOCUMENT_TEXT=false "
+                                    "keeps hashes only, or it was erased): send its `text` instead")
         n = self.check_tokens(row.text, info)
         return ResolvedDocument(row=row, text=row.text, content_hash=row.content_hash, tokens=n)

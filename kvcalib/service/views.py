@@ -199,6 +199,7 @@ class CompressionInfo:
     budget_source: CompressSource
     document_hash: str
     document_id: int
+    predictor_version: str | None = None  # budget_source "predicted" only (not in the safetensors metadata)
 
     def metadata(self) -> dict[str, Any]:
         """The safetensors metadata (the ratio as ``%.6f``, as in the ``X-Kvcalib-Ratio`` header)."""
@@ -223,3 +224,15 @@ class Readiness:
     ready: bool
     checks: dict[str, str]  # dependency → "ok" | "in-process" | "none" | "unavailable: …"
     execution: str  # the dispatcher kind, or "none"
+
+
+@dataclass(frozen=True)
+class DocumentDeletion:
+    """What ``DELETE /documents/{id}`` removed: the document (its text) and every row derived from it."""
+
+    document_id: int
+    document_hash: str
+    runs: int  # calibration runs (jobs)
+    profiles: int
+    curve_points: int
+    batch_items: int

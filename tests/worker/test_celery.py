@@ -22,6 +22,7 @@ from tests.support import (DOWN_REDIS, FAST_OPTIONS, pg_url, queue_name, redis_u
 pytestmark = [pytest.mark.service, pytest.mark.slow]
 
 VISIBILITY = 6  # seconds before the message of a killed worker is delivered again
+LEASE = 4  # seconds of a job's lease: a killed worker's job is taken over once it expired (tests/worker/test_faults)
 
 
 def make_settings(db_url, broker_url, queue):
@@ -31,7 +32,8 @@ def make_settings(db_url, broker_url, queue):
     try:
         return Settings(_env_file=None, database_url=db_url, broker_url=broker_url, queue=queue,
                         gpu_queue=queue + "-gpu", broker_visibility_timeout=VISIBILITY, job_retry_backoff=0.5,
-                        broker_timeout=0.5)
+                        broker_timeout=0.5, job_lease_seconds=LEASE, job_dispatch_grace=LEASE,
+                        job_sweep_interval=1)
     finally:
         os.environ.update(saved)
 
@@ -45,7 +47,8 @@ def stack(pg_url, redis_url, queue_name, engine):  # noqa: F811
         conn.execute(sa.text("TRUNCATE batch_items, batches, profiles, curve_points, calibration_runs, documents, "
                              "models, predictors RESTART IDENTITY CASCADE"))
     s = make_settings(pg_url, redis_url, queue_name)
-    env = service_env(pg_url, redis_url, queue_name, KVCALIB_BROKER_VISIBILITY_TIMEOUT=VISIBILITY)
+    env = service_env(pg_url, redis_url, queue_name, KVCALIB_BROKER_VISIBILITY_TIMEOUT=VISIBILITY,
+                      KVCALIB_JOB_LEASE_SECONDS=LEASE, KVCALIB_JOB_DISPATCH_GRACE=LEASE, KVCALIB_JOB_SWEEP_INTERVAL=1)
     with TestClient(create_app(s)) as client:
         yield client, env, eng
     eng.dispose()

@@ -1,0 +1,182 @@
+"""Calibration grounded in answers: label documents with task truth, compare the fidelity candidates, fit on one
+genre, evaluate on another (held out), check passkey at the recommended ratios.
+
+    # 1. label (resumable, appends JSONL; one process, one thread)
+    python benchmarks/calibration_truth.py label --genre essays --n-docs 24 --min-tokens 500 --max-tokens 1000 \\
+        --fidelities all --out results/truth/essays_small.jsonl
+    python benchmarks/calibration_truth.py label --genre essays --n-docs 120 --min-tokens 1000 --max-tokens 2000 \\
+        --out results/truth/essays.jsonl
+    python benchmarks/calibration_truth.py label --genre metadata --n-docs 110 --min-tokens 1000 --max-tokens 2000 \\
+        --out results/truth/metadata.jsonl
+    # 2. the fidelity candidates against the truth (rank correlation with r*_task, reduction at ε)
+    python benchmarks/calibration_truth.py compare results/truth/essays_small.jsonl
+    # 3. fit on essays (train + calibration split), test on the held-out genre
+    python benchmarks/calibration_truth.py evaluate --fit results/truth/essays.jsonl \\
+        --test results/truth/metadata.jsonl --epsilon 0.05 --out results/calibration_truth.json
+    # 4. passkey at each context's recommended ratio (a seed no test uses)
+    python benchmarks/calibration_truth.py passkey --predictor results/truth/predictors --n 20 --seed 4242
+
+Genres: ``essays`` — the essay corpus (``calib.data.documents``); ``metadata`` — the long descriptions of the
+installed packages' METADATA files (technical documentation prose: READMEs, changelogs, usage), a genre that plays
+no part in any choice (labelled only for the final evaluation). Documents are cut at line boundaries, each text at
+a seeded random length in min..max tokens (at most ``--per-source`` pieces per essay / package); splits are by
+source. Every document gets needles, a key–value block, a multi-needle and document questions
+(``calib.data.questions``, seed from the document id).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py beside it, also under -m
+from common import write_report  # noqa: E402
+from calibration_truth_analysis import compare_fidelities, evaluate_split, passkey_check  # noqa: E402
+
+
+# ---------------------------------------------------------------------------------------------------- genres
+def metadata_texts() -> list[tuple[str, str]]:
+    """(package, long description) of every installed distribution with a description of 4k+ characters."""
+    from importlib import metadata
+
+    out, seen = [], set()
+    for dist in metadata.distributions():
+        name = (dist.metadata.get("Name") or "").lower()
+        body = dist.metadata.get_payload() or dist.metadata.get("Description") or ""
+        if name and name not in seen and len(body) >= 4000:
+            seen.add(name)
+            out.append((name, body))
+    return sorted(out)
+
+
+def essay_texts() -> list[tuple[str, str]]:
+    from kvcalib.calib.data.documents import load_essays
+
+    return sorted(load_essays().items())
+
+
+GENRES = {"essays": essay_texts, "metadata": metadata_texts}
+
+
+def documents(tokenizer, genre: str, n_docs: int, min_tokens: int, max_tokens: int, seed: int,
+              per_source: int) -> list[tuple[str, str]]:
+    """(id, text) pieces of ``genre``: each source cut at a seeded random length in min..max tokens."""
+    from kvcalib.calib.data.documents import chunk_by_tokens
+
+    rng = random.Random(seed)
+    texts = GENRES[genre]()
+    rng.shuffle(texts)
+    pieces: list[tuple[str, str]] = []
+    for name, text in texts:
+        cut = rng.randint(min_tokens, max_tokens)
+        chunks = chunk_by_tokens(tokenizer, text, min(min_tokens, cut), cut)
+        pieces += [(f"{genre}:{name}#{i}", c) for i, c in enumerate(chunks[:per_source])]
+    rng.shuffle(pieces)
+    return pieces[:n_docs]
+
+
+# ---------------------------------------------------------------------------------------------------- label
+def label(args) -> None:
+    from tqdm import tqdm
+
+    from kvcalib.calib.calibration.calibrate import CalibrationConfig
+    from kvcalib.calib.calibration.fidelity import FIDELITIES
+    from kvcalib.calib.calibration.suite import truth_record
+    from kvcalib.calib.calibration.truth import TruthConfig
+    from kvcalib.calib.data.hashing import content_hash
+    from kvcalib.calib.data.questions import make_questions
+    from kvcalib.calib.pipeline import Engine
+
+    fids = FIDELITIES if args.fidelities == "all" else tuple(f for f in args.fidelities.split(",") if f and
+                                                                f != "none")
+    eng = Engine.load(args.model)
+    config = CalibrationConfig(method=args.method, allocator=args.allocator).validate()
+    # every document question is labelled; the confidence gate is applied when the records are read
+    tcfg = TruthConfig(method=config.method, allocator=config.allocator, ratios=config.ratios,
+                       doc_min_confidence=0.0)
+    out = Path(args.out)
+    done = set()
+    if out.is_file():
+        for line in out.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                r = json.loads(line)
+                done.add(r["id"])
+    docs = documents(eng.tokenizer, args.genre, args.n_docs, args.min_tokens, args.max_tokens, args.seed,
+                     args.per_source)
+    todo = [(i, t) for i, t in docs if i not in done]
+    print(f"{len(docs)} {args.genre} documents, {len(docs) - len(todo)} done, {len(todo)} to label -> {out}",
+          flush=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(todo, desc=f"truth {args.genre}", unit="doc", mininterval=5)
+    for doc_id, text in bar:
+        qseed = args.question_seed + zlib.crc32(doc_id.encode())
+        doc = make_questions(text, qseed)
+        t0 = time.perf_counter()
+        rec = truth_record(eng, doc, config, fids, doc_id=doc_id, genre=args.genre, truth_config=tcfg)
+        rec["source_hash"] = content_hash(text)
+        with out.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(rec, allow_nan=False) + "\n")
+        bar.set_postfix_str(f"{rec['context_tokens']} tok r*_task {rec['r_star_task']:.2f} "
+                            f"counted {rec['n_counted']} {time.perf_counter() - t0:.0f}s")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    lb = sub.add_parser("label", help="label documents with task truth (+ fidelity curves)")
+    lb.add_argument("--genre", choices=sorted(GENRES), required=True)
+    lb.add_argument("--out", required=True)
+    lb.add_argument("--n-docs", type=int, default=24)
+    lb.add_argument("--min-tokens", type=int, default=1000)
+    lb.add_argument("--max-tokens", type=int, default=2000)
+    lb.add_argument("--per-source", type=int, default=3)
+    lb.add_argument("--seed", type=int, default=0)
+    lb.add_argument("--question-seed", type=int, default=0)
+    lb.add_argument("--fidelities", default="none", help="'all', 'none' or a comma-separated list")
+    lb.add_argument("--method", default="compactor")
+    lb.add_argument("--allocator", default="adakv")
+    lb.add_argument("--model", default="smollm2-135m")
+    cp = sub.add_parser("compare", help="fidelity candidates vs task truth")
+    cp.add_argument("labels")
+    cp.add_argument("--epsilon", type=float, default=0.05)
+    cp.add_argument("--out", default="results/calibration_truth_fidelity.json")
+    ev = sub.add_parser("evaluate", help="fit on one genre, test on another")
+    ev.add_argument("--fit", required=True)
+    ev.add_argument("--test", required=True)
+    ev.add_argument("--epsilon", type=float, default=0.05)
+    ev.add_argument("--alpha", type=float, default=0.1)
+    ev.add_argument("--cal-fraction", type=float, default=0.5)
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--bootstrap", type=int, default=2000)
+    ev.add_argument("--predictors-out", default="results/truth/predictors")
+    ev.add_argument("--out", default="results/calibration_truth.json")
+    pk = sub.add_parser("passkey", help="passkey accuracy at the recommended ratios")
+    pk.add_argument("--predictor", default=None, help="predictor folder/file (default: the shipped one)")
+    pk.add_argument("--n", type=int, default=20)
+    pk.add_argument("--seed", type=int, default=4242)
+    pk.add_argument("--tokens", type=int, default=1500)
+    pk.add_argument("--out", default="results/calibration_truth_passkey.json")
+    for p in (lb, pk):
+        p.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    if hasattr(args, "threads"):
+        torch.set_num_threads(args.threads)
+    if args.cmd == "label":
+        label(args)
+    elif args.cmd == "compare":
+        write_report(compare_fidelities(args.labels, args.epsilon), args.out)
+    elif args.cmd == "evaluate":
+        write_report(evaluate_split(args), args.out)
+    else:
+        write_report(passkey_check(args), args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,189 @@
+"""Analysis half of ``calibration_truth.py``: fidelity candidates vs task truth, the held-out evaluation of the
+predictors fitted on task truth, and the passkey check at the recommended ratios."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+TAUS = (0.8, 0.85, 0.9, 0.95, 0.98)
+
+
+def read_records(path, doc_min_confidence: float = 0.5) -> list[dict]:
+    """Truth records of a JSONL file, re-scored with the document-question confidence gate (records are labelled
+    with every document question; ``calib.calibration.truth.rescore``), keeping documents with a counted answer."""
+    from kvcalib.calib.calibration.truth import rescore
+
+    rows = [json.loads(x) for x in Path(path).read_text(encoding="utf-8").splitlines() if x.strip()]
+    out = [rescore(r, doc_min_confidence) for r in rows]
+    return [r for r in out if r["n_counted"] > 0]
+
+
+def _spearman(a, b) -> float:
+    from scipy.stats import spearmanr
+
+    if np.std(a) == 0 or np.std(b) == 0:
+        return 0.0
+    return float(spearmanr(a, b).statistic)
+
+
+def _plugin(base, grid, losses, epsilon) -> tuple[float, float]:
+    """(mean ratio, loss) of r̂ = ⌊base − λ⌋ with the smallest λ whose in-sample mean loss is ≤ ε (no finite-sample
+    correction: the trade-off a base permits, for comparing bases on few documents)."""
+    from kvcalib.calib.predictors.risk import lambda_grid, loss_at, snap_to_grid
+
+    for lam in lambda_grid(max(grid)):
+        r = snap_to_grid(np.clip(base - lam, 0, max(grid)), grid)
+        loss = loss_at(grid, losses, r).mean()
+        if loss <= epsilon + 1e-12:
+            return float(r.mean()), float(loss)
+    return 0.0, 0.0
+
+
+def compare_fidelities(path, epsilon: float = 0.05) -> dict:
+    from kvcalib.calib.calibration.suite import fidelity_r_star
+
+    recs = read_records(path)
+    grid = recs[0]["ratios"]
+    y = np.array([r["r_star_task"] for r in recs])
+    losses = np.array([r["loss"] for r in recs])
+    names = sorted(recs[0]["fidelity"])
+    rows = []
+    const = _plugin(np.zeros(len(recs)), grid, losses, epsilon)
+    for name in names:
+        best = None
+        for tau in TAUS:
+            r = np.array([fidelity_r_star(x, name, tau) for x in recs])
+            rho = _spearman(r, y)
+            ratio, loss = _plugin(r, grid, losses, epsilon)
+            row = {"fidelity": name, "tau": tau, "spearman": rho, "pearson": float(np.corrcoef(r, y)[0, 1])
+                   if np.std(r) > 0 else 0.0, "mean_r_star": float(r.mean()), "ratio_at_eps": ratio,
+                   "loss_at_eps": loss}
+            rows.append(row)
+            if best is None or (rho, ratio) > (best["spearman"], best["ratio_at_eps"]):
+                best = row
+        best["best_tau"] = True
+    report = {"labels": str(path), "n": len(recs), "epsilon": epsilon, "mean_r_star_task": float(y.mean()),
+              "global_ratio_at_eps": const[0], "global_loss_at_eps": const[1], "rows": rows}
+    print(f"{len(recs)} documents, mean r*_task {y.mean():.3f}; best single ratio at mean loss <= {epsilon}: "
+          f"{const[0]:.3f} (loss {const[1]:.3f})")
+    print(f"{'fidelity':>15} {'tau':>5} {'spearman':>9} {'pearson':>8} {'mean r*':>8} {'ratio@eps':>10} {'loss':>6}")
+    for r in rows:
+        mark = " *" if r.get("best_tau") else ""
+        print(f"{r['fidelity']:>15} {r['tau']:>5} {r['spearman']:>9.3f} {r['pearson']:>8.3f} {r['mean_r_star']:>8.3f} "
+              f"{r['ratio_at_eps']:>10.3f} {r['loss_at_eps']:>6.3f}{mark}")
+    return report
+
+
+def _group(rec: dict) -> str:
+    return str(rec.get("id") or rec["content_hash"]).split("#")[0]
+
+
+def _split(records, fraction: float, seed: int):
+    rng = np.random.default_rng(seed)
+    groups = sorted({_group(r) for r in records})
+    rng.shuffle(groups)
+    cal = set(groups[:int(round(fraction * len(groups)))])
+    return [r for r in records if _group(r) not in cal], [r for r in records if _group(r) in cal]
+
+
+def _interval(values: np.ndarray, n_boot: int, rng) -> list[float]:
+    if len(values) == 0:
+        return [0.0, 0.0]
+    idx = rng.integers(0, len(values), (n_boot, len(values)))
+    means = values[idx].mean(1)
+    return [float(np.quantile(means, 0.05)), float(np.quantile(means, 0.95))]
+
+
+def global_at_loss(grid, losses, target: float) -> float:
+    """The largest grid ratio whose mean loss over ``losses`` is ≤ ``target`` (0 when none)."""
+    best = 0.0
+    for j, g in enumerate(grid):
+        if losses[:, j].mean() <= target + 1e-12:
+            best = float(g)
+        else:
+            break  # mean losses are non-decreasing along the grid
+    return best
+
+
+def evaluate_split(args) -> dict:
+    from kvcalib.calib.predictors import save_predictors
+    from kvcalib.calib.predictors.risk import fit_truth_predictors, loss_at, truth_arrays
+
+    fit = read_records(args.fit)
+    test = read_records(args.test)
+    train, cal = _split(fit, args.cal_fraction, args.seed)
+    preds = fit_truth_predictors(train, cal, epsilon=args.epsilon, alpha=args.alpha, seed=args.seed)
+    f_te, grid, l_te, y_te = truth_arrays(test)
+    _, _, l_cal, _ = truth_arrays(cal)
+    rng = np.random.default_rng(args.seed)
+    report = {"fit": str(args.fit), "test": str(args.test), "n_train": len(train), "n_cal": len(cal),
+              "n_test": len(test), "epsilon": args.epsilon, "alpha": args.alpha, "grid": grid, "predictors": {}}
+    for name, p in preds.items():
+        r = p.predict(f_te)
+        loss = loss_at(grid, l_te, r)
+        viol = (r > y_te + 1e-9).astype(float)
+        m = {"mean_ratio": float(r.mean()), "mean_ratio_ci90": _interval(r, args.bootstrap, rng),
+             "loss": float(loss.mean()), "loss_ci90": _interval(loss, args.bootstrap, rng),
+             "violation_rate": float(viol.mean()), "violation_ci90": _interval(viol, args.bootstrap, rng),
+             "distinct_ratios": len(set(np.round(r, 4).tolist())), "version": p.version}
+        target = m["loss"]
+        honest = global_at_loss(grid, l_cal, target)
+        oracle = global_at_loss(grid, l_te, target)
+        m.update({"honest_global": honest, "honest_global_test_loss": float(loss_at(grid, l_te, np.full(len(test),
+                                                                                                         honest)).mean()),
+                  "oracle_global": oracle,
+                  "gain_vs_honest": float(r.mean() / honest) if honest else None,
+                  "gain_vs_oracle": float(r.mean() / oracle) if oracle else None})
+        report["predictors"][name] = m
+        p.metrics["held_out"] = {k: v for k, v in m.items() if k != "version"}
+    save_predictors(args.predictors_out, preds, extra={"fit": str(args.fit), "epsilon": args.epsilon,
+                                                       "alpha": args.alpha, "default_name": "risk"})
+    print(f"fit on {len(train)} + {len(cal)} (calibration) documents of {args.fit}; test on {len(test)} of {args.test}")
+    print(f"{'predictor':>12} {'mean r':>7} {'90% CI':>15} {'loss':>6} {'90% CI':>15} {'viol':>5} "
+          f"{'honest g':>8} {'oracle g':>8} {'gain':>5}")
+    for name, m in report["predictors"].items():
+        ci = m["mean_ratio_ci90"]
+        li = m["loss_ci90"]
+        gain = f"{m['gain_vs_honest']:.2f}" if m["gain_vs_honest"] else "-"
+        print(f"{name:>12} {m['mean_ratio']:>7.3f} [{ci[0]:.3f}, {ci[1]:.3f}] {m['loss']:>6.3f} "
+              f"[{li[0]:.3f}, {li[1]:.3f}] {m['violation_rate']:>5.2f} {m['honest_global']:>8.2f} "
+              f"{m['oracle_global']:>8.2f} {gain:>5}")
+    return report
+
+
+def passkey_check(args) -> dict:
+    from tqdm import tqdm
+
+    from kvcalib.calib.budget import Budget
+    from kvcalib.calib.calibration.calibrate import CalibrationConfig, predict
+    from kvcalib.calib.data import synthetic as tasks
+    from kvcalib.calib.pipeline import Engine
+
+    eng = Engine.load("smollm2-135m")
+    config = CalibrationConfig()
+    examples = tasks.passkey(eng.tokenizer, args.n, seed=args.seed, n_tokens=args.tokens)
+    rows = []
+    t0 = time.perf_counter()
+    for ex in tqdm(examples, desc="passkey", unit="ex"):
+        pred = predict(eng, ex.context, config, args.predictor)  # None: the shipped default predictor
+        row = {"index": ex.meta["index"], "depth": ex.meta["depth"], "answer": ex.answer, "ratio": pred.ratio,
+               "predictor": pred.predictor_version}
+        for name, ratio in (("full", 0.0), ("recommended", pred.ratio)):
+            res = eng.run(ex.context, ex.question, config.method, Budget(ratio=ratio), allocator=config.allocator,
+                          max_new_tokens=16)
+            row[name] = {"output": res.answer, "correct": ex.score(res.answer), "ratio": res.ratio}
+        rows.append(row)
+    acc = {k: sum(r[k]["correct"] for r in rows) / len(rows) for k in ("full", "recommended")}
+    rel = acc["recommended"] / acc["full"] if acc["full"] else None
+    report = {"n": args.n, "seed": args.seed, "tokens": args.tokens, "accuracy": acc, "relative": rel,
+              "mean_ratio": statistics.mean(r["ratio"] for r in rows), "meets_target": bool(rel is None or
+                                                                                             rel >= 0.95),
+              "seconds": time.perf_counter() - t0, "examples": rows}
+    print(f"passkey n={args.n} seed={args.seed}: full {acc['full']:.2%}, at the recommended ratios "
+          f"{acc['recommended']:.2%} (mean ratio {report['mean_ratio']:.3f}); relative {rel}")
+    return report

@@ -1,0 +1,181 @@
+"""Conformal risk control of the answer loss (Angelopoulos, Bates, Fisch, Lei, Schuster — "Conformal Risk
+Control", ICLR 2024), and the predictors fitted on task truth.
+
+A context i has a monotone loss curve ℓ_i(r) ∈ [0, 1] over the grid ratios (the share of its full-cache answers
+lost at r, per-question monotone, ``calib.calibration.truth``); ℓ_i(0) = 0. A base predictor proposes b(x) from
+label-free features; the recommendation is
+
+    r̂_λ(x) = ⌊clip(b(x) − λ, 0, r_max)⌋_grid        (the largest grid ratio ≤ it; 0 below the first one)
+
+so that its loss is *measured*, never interpolated. L_i(λ) = ℓ_i(r̂_λ(x_i)) is non-increasing in λ and bounded by
+B = 1. On n calibration contexts, with R̂_n(λ) = mean_i L_i(λ),
+
+    λ̂ = inf { λ ∈ Λ : n/(n+1) · R̂_n(λ) + B/(n+1) ≤ ε }
+
+over a fixed grid Λ of margins, whose largest element gives r̂ = 0 (loss 0) for every context. For a new context
+exchangeable with the calibration ones, **E[ℓ(r̂_λ̂(x))] ≤ ε** — a population-level guarantee on the expected
+answer loss (Compactor's criterion is population-level too). With n < B/ε − 1 no λ qualifies and the predictor
+never compresses (r̂ = 0).
+
+The other guarantee — a per-context bound P(r̂ > r*_task) ≤ α — is the split-conformal ``ConformalPredictor``
+fitted on r*_task (``fit_truth_predictors``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from kvcalib.calib.predictors.base import KINDS, R_MAX, Predictor, PredictorError, default_feature_names, register
+from kvcalib.calib.predictors.conformal import ConformalPredictor
+from kvcalib.calib.predictors.constant import ConstantPredictor
+from kvcalib.calib.predictors.quantile import QuantileGBMPredictor
+
+LAMBDA_STEP = 0.005
+
+
+def snap_to_grid(values, grid) -> np.ndarray:
+    """The largest grid ratio ≤ each value (0 where a value lies below the whole grid)."""
+    g = np.sort(np.asarray(grid, dtype=float))
+    v = np.asarray(values, dtype=float)
+    idx = np.searchsorted(g, v + 1e-9, side="right") - 1
+    return np.where(idx >= 0, g[np.clip(idx, 0, len(g) - 1)], 0.0)
+
+
+def loss_at(grid, losses, ratios) -> np.ndarray:
+    """ℓ_i(r_i) for contexts i with monotone ``losses`` (n, R) over ``grid`` at grid ratios ``ratios`` (n,) (or 0)."""
+    g = np.asarray(grid, dtype=float)
+    ls = np.asarray(losses, dtype=float)
+    r = np.asarray(ratios, dtype=float)
+    idx = np.searchsorted(g, r + 1e-9, side="right") - 1
+    out = ls[np.arange(len(r)), np.clip(idx, 0, len(g) - 1)]
+    return np.where(idx >= 0, out, 0.0)
+
+
+def lambda_grid(r_max: float = R_MAX, step: float = LAMBDA_STEP) -> np.ndarray:
+    """Λ: margins from −r_max (everything at r_max) to r_max (everything at 0), ascending."""
+    n = int(round(2 * r_max / step))
+    return np.round(np.linspace(-r_max, r_max, n + 1), 10)
+
+
+def crc_lambda(base, grid, losses, epsilon: float, bound: float = 1.0, r_max: float = R_MAX,
+               lambdas=None) -> float:
+    """λ̂ of conformal risk control (inf over ``lambdas`` of the margins meeting the bound); +inf when none does."""
+    base = np.asarray(base, dtype=float)
+    n = len(base)
+    lambdas = lambda_grid(r_max) if lambdas is None else np.asarray(lambdas, dtype=float)
+    if n == 0:
+        return math.inf
+    for lam in lambdas:  # ascending; the risk is non-increasing in λ, so the first hit is the infimum
+        r = snap_to_grid(np.clip(base - lam, 0.0, r_max), grid)
+        risk = float(loss_at(grid, losses, r).mean())
+        if n / (n + 1) * risk + bound / (n + 1) <= epsilon + 1e-12:
+            return float(lam)
+    return math.inf
+
+
+@register
+class RiskControlPredictor(Predictor):
+    """r̂(x) = ⌊clip(base(x) − λ̂, 0, r_max)⌋_grid with λ̂ from conformal risk control at level ε."""
+
+    kind = "risk"
+
+    def __init__(self, base: Predictor | None = None, epsilon: float = 0.05, lam: float = math.inf,
+                 grid=(), r_max: float = R_MAX, n_cal: int = 0):
+        super().__init__()
+        self.base = base if base is not None else ConstantPredictor(0.0)
+        self.epsilon, self.lam, self.r_max, self.n_cal = float(epsilon), float(lam), float(r_max), int(n_cal)
+        self.grid = [float(g) for g in grid]
+
+    def params(self) -> dict:
+        return {"base": {"kind": self.base.kind, "params": self.base.params(), "created": self.base.created},
+                "epsilon": self.epsilon, "lambda": None if math.isinf(self.lam) else self.lam, "grid": self.grid,
+                "r_max": self.r_max, "n_cal": self.n_cal}
+
+    @classmethod
+    def from_params(cls, p: dict) -> "RiskControlPredictor":
+        b = p["base"]
+        if b.get("kind") not in KINDS or b["kind"] in ("conformal", "risk"):
+            raise ValueError(f"invalid base kind {b.get('kind')!r}")
+        base = KINDS[b["kind"]].from_params(b["params"])
+        base.created = str(b.get("created", base.created))
+        lam = p["lambda"]
+        grid = [float(g) for g in p["grid"]]
+        if not grid or any(not 0.0 < g < 1.0 for g in grid):
+            raise ValueError("grid must hold ratios in (0, 1)")
+        return cls(base, float(p["epsilon"]), math.inf if lam is None else float(lam), grid, float(p["r_max"]),
+                   int(p["n_cal"]))
+
+    def calibrate(self, features: list[dict], grid, losses, epsilon: float | None = None) -> "RiskControlPredictor":
+        """λ̂ from calibration contexts: ``losses`` (n, R) monotone loss curves over ``grid``."""
+        if epsilon is not None:
+            self.epsilon = float(epsilon)
+        if not 0.0 < self.epsilon < 1.0:
+            raise PredictorError(f"epsilon must lie in (0, 1), got {self.epsilon}")
+        self.grid = sorted(float(g) for g in grid)
+        losses = np.asarray(losses, dtype=float).reshape(len(features), len(self.grid))
+        self.lam = crc_lambda(self.base.predict(features), self.grid, losses, self.epsilon, r_max=self.r_max)
+        self.n_cal = len(features)
+        return self
+
+    def predict(self, features: list[dict]) -> np.ndarray:
+        if math.isinf(self.lam) or not self.grid:
+            return np.zeros(len(features))
+        return snap_to_grid(np.clip(self.base.predict(features) - self.lam, 0.0, self.r_max), self.grid)
+
+
+# ---------------------------------------------------------------------------------------------------- fitting
+def truth_arrays(records: list[dict]) -> tuple[list[dict], list[float], np.ndarray, np.ndarray]:
+    """(features, grid, losses (n, R), r*_task (n,)) of truth records (``calib.calibration.suite``) on one grid."""
+    if not records:
+        raise PredictorError("no truth records")
+    grid = [float(r) for r in records[0]["ratios"]]
+    for i, r in enumerate(records):
+        if [float(x) for x in r["ratios"]] != grid:
+            raise PredictorError(f"truth record {i} uses another ratio grid")
+    return ([r["features"] for r in records], grid, np.array([r["loss"] for r in records], dtype=float),
+            np.array([r["r_star_task"] for r in records], dtype=float))
+
+
+def realised(pred, grid, losses, r_star) -> dict:
+    """Mean recommended ratio, realised answer loss, violation rate P(r̂ > r*_task) of predictions ``pred``."""
+    pred = np.asarray(pred, dtype=float)
+    if len(pred) == 0:
+        return {"n": 0}
+    loss = loss_at(grid, losses, pred)
+    return {"n": int(len(pred)), "mean_ratio": float(pred.mean()), "loss": float(loss.mean()),
+            "violation_rate": float((pred > np.asarray(r_star) + 1e-9).mean())}
+
+
+def fit_truth_predictors(train: list[dict], cal: list[dict], epsilon: float = 0.05, alpha: float = 0.1,
+                         seed: int = 0, feature_names: list[str] | None = None) -> dict[str, Predictor]:
+    """Predictors fitted on task truth, predicting from label-free features: ``risk`` (median boosting of r*_task
+    + conformal risk control at ε: the default), ``risk_global`` (a constant + risk control: the best single
+    ratio with the guarantee), ``conformal`` (quantile-α boosting + split conformal on r*_task: P(r̂ > r*) ≤ α)
+    and ``global`` (a constant + split conformal)."""
+    f_tr, grid, l_tr, y_tr = truth_arrays(train)
+    f_cal, grid_cal, l_cal, y_cal = truth_arrays(cal)
+    if grid_cal != grid:
+        raise PredictorError("train and calibration records use different ratio grids")
+    r_max = max(grid)
+    names = feature_names or default_feature_names(f_tr + f_cal)
+    median = QuantileGBMPredictor(quantile=0.5, r_max=r_max).fit(f_tr, y_tr, seed=seed, feature_names=names)
+    low = QuantileGBMPredictor(quantile=alpha, r_max=r_max).fit(f_tr, y_tr, seed=seed, feature_names=names)
+    out: dict[str, Predictor] = {
+        "risk": RiskControlPredictor(median, epsilon, r_max=r_max).calibrate(f_cal, grid, l_cal),
+        "risk_global": RiskControlPredictor(ConstantPredictor(0.0), epsilon, r_max=r_max).calibrate(
+            f_tr + f_cal, grid, np.concatenate([l_tr, l_cal])),
+        "conformal": ConformalPredictor(low, alpha, r_max=r_max).calibrate(f_cal, y_cal),
+        "global": ConformalPredictor(ConstantPredictor(0.0), alpha, r_max=r_max).calibrate(
+            f_tr + f_cal, np.concatenate([y_tr, y_cal])),
+    }
+    cfg = train[0].get("config") or {}
+    training = {"config": {k: cfg[k] for k in ("method", "allocator", "allocator_params") if k in cfg},
+                "target": "task_truth", "n_train": len(train), "n_cal": len(cal), "epsilon": epsilon,
+                "alpha": alpha, "seed": seed, "grid": grid}
+    for name, p in out.items():
+        p.training = dict(training, name=name)
+        p.metrics["train"] = realised(p.predict(f_tr), grid, l_tr, y_tr)
+        p.metrics["cal"] = realised(p.predict(f_cal), grid, l_cal, y_cal)
+    return out

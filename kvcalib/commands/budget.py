@@ -1,0 +1,93 @@
+"""``kvcalib budget FILE``: the recommended compression ratio of one document and its per-layer and per-head budgets,
+from the engine's prediction (``calib.calibration.calibrate.predict``: one prefill + scores, no probes).
+
+    kvcalib budget essay.txt [--method compactor --allocator adakv --tolerance 0.95 --predictor predictors/ --json]
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from kvcalib.calib import defaults
+from kvcalib.commands.common import console, emit_json, fail, friendly_errors, read_text_file
+
+
+def default_predictor(tolerance: float) -> Any | None:
+    """None when ``predict`` chooses its own default predictor (the shipped ones); otherwise the documented
+    fallback of the service with no stored profile: Compactor's parametric curve with neutral parameters, r = 1 − τ
+    (``kvcalib.service.FallbackPredictor``, version ``fallback-parametric-b0``)."""
+    from kvcalib.calib.calibration.calibrate import predict
+
+    if inspect.signature(predict).parameters["predictor"].default is not inspect.Parameter.empty:
+        return None
+    from kvcalib.service.predictions import FallbackPredictor
+
+    return FallbackPredictor([], tolerance)
+
+
+def _table(pred: dict, n_tokens: int) -> Table:
+    heads = len(pred["head_budgets"][0]) if pred["head_budgets"] else 0
+    table = Table("layer", "kept (sum of heads)", "kept fraction", "kept per kv head",
+                  title=f"budgets at ratio {pred['ratio']:.3f} ({heads} kv heads per layer, {n_tokens} tokens)")
+    for i, (total, per_head) in enumerate(zip(pred["layer_budgets"], pred["head_budgets"])):
+        table.add_row(str(i), str(total), f"{total / (heads * n_tokens):.1%}", " ".join(map(str, per_head)))
+    return table
+
+
+@friendly_errors
+def budget(
+    file: Annotated[Path, typer.Argument(help="Text file of the document (UTF-8).")],
+    model: Annotated[str, typer.Option(help="Registry name or local HF model folder.")] = defaults.MODEL,
+    method: Annotated[str, typer.Option("--method", "-m", help="Scoring method (see `kvcalib methods`).")]
+    = defaults.METHOD,
+    allocator: Annotated[str, typer.Option("--allocator", "-a", help="Budget allocator across heads/layers.")]
+    = defaults.ALLOCATOR,
+    tolerance: Annotated[float, typer.Option(help="Fidelity tolerance τ of the recommended ratio.")]
+    = defaults.TOLERANCE,
+    predictor: Annotated[Optional[Path], typer.Option(
+        help="Trained predictor (folder or file from `kvcalib fit`); default: the engine's default predictor.")]
+    = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON with the full per-layer/per-head arrays.")]
+    = False,
+):
+    """Recommend a compression ratio for FILE and print its per-layer and per-head token budgets."""
+    from kvcalib.calib.calibration.calibrate import CalibrationConfig, predict
+    from kvcalib.commands.stages import Stages, load_staged_engine
+
+    # names and τ are refused here, before the model loads
+    config = CalibrationConfig.from_dict({"method": method, "allocator": allocator, "tolerance": tolerance})
+    text = read_text_file(file, "document")
+    if not text.strip():
+        fail(f"document {str(file)!r} is empty")
+    if predictor is not None:
+        from kvcalib.calib.predictors import load_predictor
+
+        chosen = load_predictor(predictor)
+    else:
+        chosen = default_predictor(config.tolerance)
+    with Stages(quiet=as_json) as stages:
+        eng = load_staged_engine(model, stages, score_label=f"scoring with {config.method}, features, budgets")
+        pred = predict(eng, text, config) if chosen is None else predict(eng, text, config, chosen)
+    out = {"file": str(file), "model": eng.lm.name, "method": config.method, "allocator": config.allocator,
+           "tolerance": config.tolerance, **pred.to_dict()}
+    if as_json:
+        emit_json(out)
+        return
+    n = pred.context_tokens
+    console.print(f"{file}: {n} tokens; {config.method}/{config.allocator}, τ = {config.tolerance}; "
+                  f"predictor {pred.predictor_version}", soft_wrap=True, highlight=False)
+    if pred.predictor_version.startswith("fallback"):
+        console.print("[dim]no trained predictor: the documented fallback r = 1 − τ (pass --predictor)[/]")
+    Console().print(_table(out, n))
+    typer.echo(f"ratio {pred.ratio:.3f}: keep {pred.token_budget} of {n} tokens per head on average "
+               f"({1 - pred.ratio:.1%})")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("budget")(budget)

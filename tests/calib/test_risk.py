@@ -1,0 +1,126 @@
+"""Conformal risk control (Angelopoulos et al. 2024): λ̂ against a naive reading of the formula, the guarantee
+E[loss] ≤ ε on synthetic exchangeable contexts, persistence, and the predictors fitted on task truth."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from kvcalib.calib.predictors import (ConstantPredictor, QuantileGBMPredictor, load_predictor, predictor_from_json,
+                                      save_predictors)
+from kvcalib.calib.predictors.risk import (RiskControlPredictor, crc_lambda, fit_truth_predictors, lambda_grid,
+                                           loss_at, snap_to_grid)
+
+GRID = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95]
+
+
+def _contexts(rng: np.random.Generator, n: int, k: int = 5):
+    """Synthetic contexts: a feature x, and k questions each lost beyond a threshold near 0.2 + 0.6·x."""
+    x = rng.uniform(0, 1, n)
+    thr = np.clip(0.2 + 0.6 * x[:, None] + rng.normal(0, 0.12, (n, k)), 0.0, 1.0)  # (n, k)
+    lost = np.array(GRID)[None, None, :] >= thr[:, :, None]  # (n, k, R): monotone per question
+    losses = lost.mean(1)  # (n, R)
+    r_star = np.array([max([0.0] + [g for g, l in zip(GRID, row) if l == 0 and all(
+        ll == 0 for gg, ll in zip(GRID, row) if gg <= g)]) for row in losses])
+    feats = [{"x": float(v)} for v in x]
+    return feats, losses, r_star
+
+
+def _naive_lambda(base, losses, eps):
+    n = len(base)
+    for lam in lambda_grid(0.95):
+        total = 0.0
+        for b, curve in zip(base, losses):
+            r = min(max(b - lam, 0.0), 0.95)
+            ell = 0.0
+            for g, l in zip(GRID, curve):  # the loss of the largest grid ratio <= r
+                if g <= r + 1e-9:
+                    ell = l
+            total += ell
+        if n / (n + 1) * (total / n) + 1 / (n + 1) <= eps:
+            return lam
+    return math.inf
+
+
+def test_snap_and_loss_lookup():
+    assert snap_to_grid([0.05, 0.1, 0.34, 0.96, 0.0], GRID).tolist() == [0.0, 0.1, 0.3, 0.95, 0.0]
+    losses = np.array([[0.0] * 5 + [0.5] * 5, [0.2] * 10])
+    assert loss_at(GRID, losses, [0.65, 0.05]).tolist() == [0.5, 0.0]
+    assert loss_at(GRID, losses, [0.55, 0.05]).tolist() == [0.0, 0.0]
+    assert loss_at(GRID, losses, [0.4, 0.1]).tolist() == [0.0, 0.2]
+
+
+@pytest.mark.parametrize("eps", [0.05, 0.1, 0.2])
+def test_crc_lambda_is_the_formula(eps):
+    rng = np.random.default_rng(3)
+    feats, losses, _ = _contexts(rng, 60)
+    base = np.array([f["x"] for f in feats]) * 0.9
+    assert crc_lambda(base, GRID, losses, eps) == pytest.approx(_naive_lambda(base, losses, eps))
+
+
+def test_too_few_calibration_points_never_compress():
+    rng = np.random.default_rng(0)
+    feats, losses, _ = _contexts(rng, 10)  # B/(n+1) = 1/11 > 0.05
+    p = RiskControlPredictor(ConstantPredictor(0.5), 0.05).calibrate(feats, GRID, losses)
+    assert math.isinf(p.lam) and p.predict(feats).tolist() == [0.0] * 10
+
+
+def test_expected_loss_is_controlled_over_many_draws():
+    """E over calibration draws and new contexts of the realised loss ≤ ε (Theorem 1), on a base that ranks the
+    contexts (the feature) — and the recommended ratios are document-dependent."""
+    eps, realised, ratios = 0.1, [], []
+    for seed in range(200):
+        rng = np.random.default_rng(seed)
+        feats, losses, _ = _contexts(rng, 120)
+        base = ConstantPredictor(0.0)
+        p = RiskControlPredictor(base, eps)
+        p.base = _Feature()
+        p.calibrate(feats[:60], GRID, losses[:60])
+        pred = p.predict(feats[60:])
+        realised.append(loss_at(GRID, losses[60:], pred).mean())
+        ratios.append(pred.std())
+    assert np.mean(realised) <= eps + 0.005
+    assert np.mean(realised) >= eps - 0.05  # not vacuous
+    assert np.mean(ratios) > 0.05
+
+
+class _Feature(ConstantPredictor):
+    """A base that predicts the feature itself (for the guarantee test)."""
+
+    def predict(self, features):
+        return np.array([f["x"] for f in features])
+
+
+def _records(rng, n, start=0):
+    feats, losses, r_star = _contexts(rng, n)
+    out = []
+    for i, (f, l, r) in enumerate(zip(feats, losses, r_star)):
+        f = dict(f, noise=float(rng.normal()))
+        out.append({"id": f"doc{start + i}", "features": f, "ratios": GRID, "loss": l.tolist(),
+                    "r_star_task": float(r), "config": {"method": "compactor", "allocator": "adakv"}})
+    return out
+
+
+def test_fit_truth_predictors_and_json_round_trip(tmp_path):
+    rng = np.random.default_rng(1)
+    train, cal, test = _records(rng, 80), _records(rng, 80, 80), _records(rng, 200, 160)
+    preds = fit_truth_predictors(train, cal, epsilon=0.1, alpha=0.1)
+    assert set(preds) == {"risk", "risk_global", "conformal", "global"}
+    risk = preds["risk"]
+    assert isinstance(risk.base, QuantileGBMPredictor) and risk.training["target"] == "task_truth"
+    assert risk.training_config() == {"method": "compactor", "allocator": "adakv"}
+    f_te = [r["features"] for r in test]
+    l_te = np.array([r["loss"] for r in test])
+    pr, pg = risk.predict(f_te), preds["risk_global"].predict(f_te)
+    assert set(pr.tolist()) <= set(GRID) | {0.0} and len(set(pr.tolist())) > 2  # grid ratios, document-dependent
+    assert loss_at(GRID, l_te, pr).mean() <= 0.15 and pr.mean() > pg.mean()  # the feature pays off
+    save_predictors(tmp_path, preds)
+    again = load_predictor(tmp_path, "risk")
+    assert isinstance(again, RiskControlPredictor) and again.version == risk.version
+    assert np.array_equal(again.predict(f_te), pr)
+    d = risk.to_json()
+    d["params"]["lambda"] = 0.0
+    with pytest.raises(Exception, match="content hash"):
+        predictor_from_json(d)
