@@ -18,7 +18,8 @@ genre, evaluate on another (held out), check passkey at the recommended ratios.
 
 Genres: ``essays`` — the essay corpus (``calib.data.documents``); ``metadata`` — the long descriptions of the
 installed packages' METADATA files (technical documentation prose: READMEs, changelogs, usage), a genre that plays
-no part in any choice (labelled only for the final evaluation). Documents are cut at line boundaries, each text at
+no part in any choice (labelled only for the final evaluation); ``corpus`` — one's own texts (``--corpus PATH``),
+to fit one's own predictor (``kvcalib fit LABELS --out predictors/``). Documents are cut at line boundaries, each text at
 a seeded random length in min..max tokens (at most ``--per-source`` pieces per essay / package); splits are by
 source. Every document gets needles, a key–value block, a multi-needle and document questions
 (``calib.data.questions``, seed from the document id).
@@ -62,16 +63,23 @@ def essay_texts() -> list[tuple[str, str]]:
     return sorted(load_essays().items())
 
 
-GENRES = {"essays": essay_texts, "metadata": metadata_texts}
+GENRES = {"essays": essay_texts, "metadata": metadata_texts, "corpus": None}
 
 
 def documents(tokenizer, genre: str, n_docs: int, min_tokens: int, max_tokens: int, seed: int,
-              per_source: int) -> list[tuple[str, str]]:
-    """(id, text) pieces of ``genre``: each source cut at a seeded random length in min..max tokens."""
+              per_source: int, corpus: str | None = None) -> list[tuple[str, str]]:
+    """(id, text) pieces of ``genre`` (``corpus``: one's own folder of .txt or JSONL of {"id", "text"}): each
+    source cut at a seeded random length in min..max tokens."""
+    from kvcalib.calib.data.corpus import read_texts
     from kvcalib.calib.data.documents import chunk_by_tokens
 
     rng = random.Random(seed)
-    texts = GENRES[genre]()
+    if genre == "corpus":
+        if not corpus:
+            raise SystemExit("--genre corpus needs --corpus PATH (a folder of .txt or a JSONL of {id, text})")
+        texts = sorted(read_texts(corpus))
+    else:
+        texts = GENRES[genre]()
     rng.shuffle(texts)
     pieces: list[tuple[str, str]] = []
     for name, text in texts:
@@ -91,7 +99,7 @@ def label(args) -> None:
     from kvcalib.calib.calibration.suite import truth_record
     from kvcalib.calib.calibration.truth import TruthConfig
     from kvcalib.calib.data.hashing import content_hash
-    from kvcalib.calib.data.questions import make_questions
+    from kvcalib.calib.data.questions import QuestionConfig, make_questions
     from kvcalib.calib.pipeline import Engine
 
     fids = FIDELITIES if args.fidelities == "all" else tuple(f for f in args.fidelities.split(",") if f and
@@ -108,8 +116,12 @@ def label(args) -> None:
             if line.strip():
                 r = json.loads(line)
                 done.add(r["id"])
+    try:
+        qcfg = QuestionConfig(*(int(x) for x in args.questions.split(","))).validate()
+    except (TypeError, ValueError) as exc:
+        raise SystemExit(f"--questions must be four integers n_needles,kv_pairs,multi_values,doc_questions: {exc}")
     docs = documents(eng.tokenizer, args.genre, args.n_docs, args.min_tokens, args.max_tokens, args.seed,
-                     args.per_source)
+                     args.per_source, args.corpus)
     todo = [(i, t) for i, t in docs if i not in done]
     print(f"{len(docs)} {args.genre} documents, {len(docs) - len(todo)} done, {len(todo)} to label -> {out}",
           flush=True)
@@ -117,7 +129,7 @@ def label(args) -> None:
     bar = tqdm(todo, desc=f"truth {args.genre}", unit="doc", mininterval=5)
     for doc_id, text in bar:
         qseed = args.question_seed + zlib.crc32(doc_id.encode())
-        doc = make_questions(text, qseed)
+        doc = make_questions(text, qseed, qcfg)
         t0 = time.perf_counter()
         rec = truth_record(eng, doc, config, fids, doc_id=doc_id, genre=args.genre, truth_config=tcfg)
         rec["source_hash"] = content_hash(text)
@@ -133,6 +145,7 @@ def main() -> None:
     lb = sub.add_parser("label", help="label documents with task truth (+ fidelity curves)")
     lb.add_argument("--genre", choices=sorted(GENRES), required=True)
     lb.add_argument("--out", required=True)
+    lb.add_argument("--corpus", default=None, help="with --genre corpus: a folder of .txt or a JSONL file")
     lb.add_argument("--n-docs", type=int, default=24)
     lb.add_argument("--min-tokens", type=int, default=1000)
     lb.add_argument("--max-tokens", type=int, default=2000)
@@ -140,6 +153,9 @@ def main() -> None:
     lb.add_argument("--seed", type=int, default=0)
     lb.add_argument("--question-seed", type=int, default=0)
     lb.add_argument("--fidelities", default="none", help="'all', 'none' or a comma-separated list")
+    lb.add_argument("--questions", default="4,4,0,2",
+                    help="n_needles,kv_pairs,multi_values,doc_questions per document (the multi-needle is off by "
+                         "default: SmolLM2-135M never answers it with the full cache, so it would never count)")
     lb.add_argument("--method", default="compactor")
     lb.add_argument("--allocator", default="adakv")
     lb.add_argument("--model", default="smollm2-135m")

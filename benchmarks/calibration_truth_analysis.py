@@ -14,13 +14,10 @@ TAUS = (0.8, 0.85, 0.9, 0.95, 0.98)
 
 
 def read_records(path, doc_min_confidence: float = 0.5) -> list[dict]:
-    """Truth records of a JSONL file, re-scored with the document-question confidence gate (records are labelled
-    with every document question; ``calib.calibration.truth.rescore``), keeping documents with a counted answer."""
-    from kvcalib.calib.calibration.truth import rescore
+    """Truth records re-counted with the document-question confidence gate (``predictors.risk.read_truth_labels``)."""
+    from kvcalib.calib.predictors.risk import read_truth_labels
 
-    rows = [json.loads(x) for x in Path(path).read_text(encoding="utf-8").splitlines() if x.strip()]
-    out = [rescore(r, doc_min_confidence) for r in rows]
-    return [r for r in out if r["n_counted"] > 0]
+    return read_truth_labels(path, doc_min_confidence)
 
 
 def _spearman(a, b) -> float:
@@ -79,18 +76,6 @@ def compare_fidelities(path, epsilon: float = 0.05) -> dict:
     return report
 
 
-def _group(rec: dict) -> str:
-    return str(rec.get("id") or rec["content_hash"]).split("#")[0]
-
-
-def _split(records, fraction: float, seed: int):
-    rng = np.random.default_rng(seed)
-    groups = sorted({_group(r) for r in records})
-    rng.shuffle(groups)
-    cal = set(groups[:int(round(fraction * len(groups)))])
-    return [r for r in records if _group(r) not in cal], [r for r in records if _group(r) in cal]
-
-
 def _interval(values: np.ndarray, n_boot: int, rng) -> list[float]:
     if len(values) == 0:
         return [0.0, 0.0]
@@ -112,12 +97,14 @@ def global_at_loss(grid, losses, target: float) -> float:
 
 def evaluate_split(args) -> dict:
     from kvcalib.calib.predictors import save_predictors
-    from kvcalib.calib.predictors.risk import fit_truth_predictors, loss_at, truth_arrays
+    from kvcalib.calib.predictors.risk import fit_truth_labels, loss_at, truth_arrays
 
     fit = read_records(args.fit)
     test = read_records(args.test)
-    train, cal = _split(fit, args.cal_fraction, args.seed)
-    preds = fit_truth_predictors(train, cal, epsilon=args.epsilon, alpha=args.alpha, seed=args.seed)
+    preds, split = fit_truth_labels(fit, (1 - args.cal_fraction, args.cal_fraction, 0.0), seed=args.seed,
+                                    epsilon=args.epsilon, alpha=args.alpha)
+    train = [r for r in fit if r["content_hash"] in set(split["train"])]
+    cal = [r for r in fit if r["content_hash"] in set(split["cal"])]
     f_te, grid, l_te, y_te = truth_arrays(test)
     _, _, l_cal, _ = truth_arrays(cal)
     rng = np.random.default_rng(args.seed)
@@ -141,8 +128,9 @@ def evaluate_split(args) -> dict:
                   "gain_vs_oracle": float(r.mean() / oracle) if oracle else None})
         report["predictors"][name] = m
         p.metrics["held_out"] = {k: v for k, v in m.items() if k != "version"}
-    save_predictors(args.predictors_out, preds, extra={"fit": str(args.fit), "epsilon": args.epsilon,
-                                                       "alpha": args.alpha, "default_name": "risk"})
+    save_predictors(args.predictors_out, preds, extra={"default": "risk", "labels": str(args.fit),
+                                                       "epsilon": args.epsilon, "alpha": args.alpha,
+                                                       "target": "task_truth", "split": split})
     print(f"fit on {len(train)} + {len(cal)} (calibration) documents of {args.fit}; test on {len(test)} of {args.test}")
     print(f"{'predictor':>12} {'mean r':>7} {'90% CI':>15} {'loss':>6} {'90% CI':>15} {'viol':>5} "
           f"{'honest g':>8} {'oracle g':>8} {'gain':>5}")

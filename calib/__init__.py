@@ -71,6 +71,8 @@ _EXPORTS: dict[str, str] = {
     # the whole pipeline
     "Engine": "pipeline",
     "RunResult": "pipeline",
+    # compression inside the caller's own transformers forward (issue 17)
+    "compress": "integrations.hf",
     # errors
     "KvcalibError": "errors",
 }
@@ -110,6 +112,7 @@ if TYPE_CHECKING:  # static analysers see the eager imports
     from kvcalib.calib.capture import Capture, prefill
     from kvcalib.calib.data.documents import Prompt, build_prompt, load_essays
     from kvcalib.calib.errors import KvcalibError
+    from kvcalib.calib.integrations.hf import compress
     from kvcalib.calib.lm.registry import LoadedModel, available_models, load_model
     from kvcalib.calib.pipeline import Engine, RunResult
     from kvcalib.calib.predictors import Predictor, fit_predictors, load_predictor

@@ -5,6 +5,12 @@ projection, or at ``k_norm`` for models that normalise keys), and post-RoPE quer
 observation window is their tail; Compactor's chunked attention needs them all). The prefill itself runs SDPA, not
 eager attention: window attention is recomputed from the captured queries by the scorers.
 
+Streaming (issue 16): ``prefill(..., observers=[...])`` calls every ``LayerObserver`` with one layer's
+(q, k, v, k_pre) while that layer runs, so scorers accumulate their statistics inside the forward and a layer's full
+queries never outlive it; ``query_positions`` then keeps only the queries still needed afterwards (observation
+window, sampled feature queries) and ``keep_keys_pre=False`` drops the pre-RoPE keys (see
+``calib.scorers.streaming``). Without them the capture keeps everything: the readable reference path.
+
 Optionally the token-level negative log-likelihood of the context is computed from the final hidden states in
 chunks (the full (N, vocab) logits are never materialised at once), for every token or for every ``nll_stride``-th
 one (the LM head over all N positions costs about a sixth of the prefill of a 135M model; a stride of 8 estimates
@@ -14,7 +20,9 @@ the mean and quantiles from N/8 tokens at 1/8 of that cost).
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -27,12 +35,13 @@ class Capture:
     input_ids: torch.Tensor  # (N,)
     keys: torch.Tensor  # (L, Hkv, N, d) post-RoPE, as cached
     values: torch.Tensor  # (L, Hkv, N, d)
-    keys_pre: torch.Tensor  # (L, Hkv, N, d) pre-RoPE
+    keys_pre: torch.Tensor | None  # (L, Hkv, N, d) pre-RoPE; None when a streaming capture dropped them
     queries: torch.Tensor  # (L, Hq, Nq, d) post-RoPE queries of the last Nq positions (Nq = N unless limited)
     last_logits: torch.Tensor  # (vocab,) next-token logits after the context
     token_nll: torch.Tensor | None = None  # (M,) NLL of tokens 1, 1+s, 1+2s, ... given their prefix (stride s)
     prefill_seconds: float = 0.0
     extras: dict = field(default_factory=dict)
+    query_positions: torch.Tensor | None = None  # (Nq,) sorted absolute positions of ``queries``; None: the last Nq
 
     @property
     def num_tokens(self) -> int:
@@ -50,11 +59,20 @@ class Capture:
     def group_size(self) -> int:
         return self.queries.shape[1] // self.keys.shape[1]
 
+    def positions(self) -> torch.Tensor:
+        """(Nq,) absolute positions of the captured queries."""
+        if self.query_positions is not None:
+            return self.query_positions
+        n, nq = self.num_tokens, self.queries.shape[2]
+        return torch.arange(n - nq, n)
+
     def window_queries(self, w: int) -> torch.Tensor:
         """(L, Hq, w, d) queries of the last ``w`` context positions."""
-        if w > self.queries.shape[2]:
-            raise ValueError(f"window {w} exceeds the {self.queries.shape[2]} captured queries")
-        return self.queries[:, :, -w:]
+        nq, n = self.queries.shape[2], self.num_tokens
+        tail = self.positions()[-w:] if w else self.positions()[:0]
+        if w > nq or (w and int(tail[0]) != n - w):
+            raise ValueError(f"window {w} exceeds the {nq} captured queries (of positions ending at {n - 1})")
+        return self.queries[:, :, nq - w:]
 
     @property
     def context_nll(self) -> float:
@@ -63,29 +81,57 @@ class Capture:
         return float(self.token_nll.mean())
 
 
+class LayerObserver(Protocol):
+    """Called once per decoder layer while a capture's forward runs, right after the layer computed its attention
+    inputs: q (Hq, N, d) post-RoPE queries, k / v (Hkv, N, d) post-RoPE keys and values (what the cache holds),
+    k_pre (Hkv, N, d) pre-RoPE keys. Tensors are views of the forward's own activations: copy what must outlive the
+    call. Observers run in the thread of the forward (one per call: never shared between concurrent captures)."""
+
+    def observe(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                k_pre: torch.Tensor) -> None: ...
+
+
 class PrefillRecorder:
     """The per-call state of one capture: the ``kvcalib_state`` given to the attention path (see
     ``calib.lm.attention``), and the recorder the model's permanent key-source hooks write into while the capture's
-    forward runs (see ``calib.lm.hooks``). Nothing of a capture is stored on the shared model."""
+    forward runs (see ``calib.lm.hooks``). Nothing of a capture is stored on the shared model.
 
-    def __init__(self, n_layers: int, query_tail: int | None, head_dim: int):
+    ``observers`` see each layer's tensors during the forward; ``query_positions`` (sorted absolute positions)
+    selects the queries kept afterwards (overrides ``query_tail``); ``keep_keys_pre=False`` keeps no pre-RoPE key."""
+
+    def __init__(self, n_layers: int, query_tail: int | None, head_dim: int,
+                 observers: Sequence[LayerObserver] = (), query_positions: torch.Tensor | None = None,
+                 keep_keys_pre: bool = True):
         self.keys: list[torch.Tensor | None] = [None] * n_layers
         self.values: list[torch.Tensor | None] = [None] * n_layers
         self.queries: list[torch.Tensor | None] = [None] * n_layers
         self.keys_pre: list[torch.Tensor | None] = [None] * n_layers
+        self.seen_pre = [False] * n_layers
         self.query_tail = query_tail
         self.head_dim = head_dim
+        self.observers = list(observers)
+        self.query_positions = query_positions
+        self.keep_keys_pre = keep_keys_pre
 
     def record(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        # q (1, Hq, N, d), k/v (1, Hkv, N, d)
+        # q (1, Hq, N, d), k/v (1, Hkv, N, d); the layer's key-source hook has already run (k_proj precedes attention)
         self.keys[layer_idx] = k[0]
         self.values[layer_idx] = v[0]
-        self.queries[layer_idx] = q[0] if self.query_tail is None else q[0, :, -self.query_tail:]
+        k_pre = self.keys_pre[layer_idx]
+        for obs in self.observers:
+            obs.observe(layer_idx, q[0], k[0], v[0], k_pre)
+        if not self.keep_keys_pre:
+            self.keys_pre[layer_idx] = None
+        if self.query_positions is not None:
+            self.queries[layer_idx] = q[0, :, self.query_positions.to(q.device)]  # (Hq, Nq, d) a copy
+        else:
+            self.queries[layer_idx] = q[0] if self.query_tail is None else q[0, :, max(0, q.shape[2] - self.query_tail):].clone()
 
     def record_key_source(self, layer_idx: int, out: torch.Tensor) -> None:
         # out (1, N, Hkv·d) from k_proj, or (1, N, Hkv, d) from k_norm
         b, n = out.shape[0], out.shape[1]
         self.keys_pre[layer_idx] = out.view(b, n, -1, self.head_dim)[0].transpose(0, 1)  # (Hkv, N, d)
+        self.seen_pre[layer_idx] = True
 
 
 @torch.no_grad()
@@ -96,20 +142,30 @@ def prefill(
     query_tail: int | None = None,
     nll_chunk: int = 512,
     nll_stride: int = 1,
+    observers: Sequence[LayerObserver] = (),
+    query_positions: torch.Tensor | None = None,
+    keep_keys_pre: bool = True,
 ) -> Capture:
-    """Run one prefill of ``input_ids`` (N,) and capture keys, values, pre-RoPE keys and queries of every layer."""
+    """Run one prefill of ``input_ids`` (N,) and capture keys, values, pre-RoPE keys and queries of every layer
+    (``observers`` / ``query_positions`` / ``keep_keys_pre``: the streaming options, see ``PrefillRecorder``)."""
     model, spec = lm.model, lm.spec
     device = next(model.parameters()).device
     ids = input_ids.to(device).view(1, -1)  # (1, N)
     n = ids.shape[1]
-    rec = PrefillRecorder(spec.num_layers, query_tail, spec.head_dim)
+    if query_tail is not None and query_tail < 0:
+        raise ValueError(f"query_tail must be >= 0, got {query_tail}")
+    if query_positions is not None:
+        query_positions = torch.unique(query_positions.long().flatten())  # sorted, distinct
+        if query_positions.numel() and (int(query_positions[0]) < 0 or int(query_positions[-1]) >= n):
+            raise ValueError(f"query_positions must lie in [0, {n})")
+    rec = PrefillRecorder(spec.num_layers, query_tail, spec.head_dim, observers, query_positions, keep_keys_pre)
     install_capture_hooks(model)  # once per model (load_model already did); a no-op afterwards
     decoder = model.get_decoder()
     t0 = time.perf_counter()
     with recording(rec):  # this call's hooks target, visible to this thread's forward only
         out = decoder(input_ids=ids, position_ids=torch.arange(n, device=device)[None], use_cache=False,
                       kvcalib_state=rec)
-    if any(k is None for k in rec.keys_pre):
+    if not all(rec.seen_pre):
         raise RuntimeError("the capture hooks recorded no pre-RoPE keys: the model's layers were replaced after "
                            "loading")
     hidden = out.last_hidden_state[0]  # (N, hidden)
@@ -131,9 +187,10 @@ def prefill(
         input_ids=ids[0].cpu(),
         keys=torch.stack(rec.keys),
         values=torch.stack(rec.values),
-        keys_pre=torch.stack(rec.keys_pre),
+        keys_pre=torch.stack(rec.keys_pre) if keep_keys_pre else None,
         queries=torch.stack(rec.queries),
         last_logits=last_logits,
         token_nll=token_nll,
         prefill_seconds=seconds,
+        query_positions=query_positions.cpu() if query_positions is not None else None,
     )

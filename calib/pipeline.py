@@ -61,8 +61,11 @@ class Engine:
         self.lm = lm
 
     @classmethod
-    def load(cls, model: str = defaults.MODEL, device: str = "cpu", cache_dir: Path | None = None) -> Engine:
-        return cls(load_model(model, device=device, cache_dir=cache_dir))
+    def load(cls, model: str = defaults.MODEL, device: str = "cpu", cache_dir: Path | None = None,
+             dtype: str | torch.dtype = "fp32") -> Engine:
+        """``model``: a registry name or a local Hugging Face folder; ``dtype``: fp32 | bf16 | fp16;
+        ``device``: cpu | cuda[:N]. Unsupported architectures raise ``UnsupportedModelError`` (a KvcalibError)."""
+        return cls(load_model(model, device=device, dtype=dtype, cache_dir=cache_dir))
 
     @property
     def tokenizer(self) -> Tokenizer:

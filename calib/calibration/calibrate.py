@@ -34,6 +34,7 @@ from kvcalib.calib.calibration.protocols import CalibrationEngine, RatioPredicto
 
 Progress = Callable[[float, str], None]
 NLL_STRIDE = 8  # context NLL features from every 8th token: 1/8 of the LM-head cost (docs/calibration.md §8)
+STREAMING = True  # score inside the prefill when the engine allows it (calib.scorers.streaming.engine_capture_...)
 
 
 class CalibrationError(KvcalibError):
@@ -217,12 +218,18 @@ def context_ids(engine: CalibrationEngine, text: str) -> tuple[torch.Tensor, int
     return ids, start
 
 
-def _scores(engine: CalibrationEngine, cap: Capture, config: CalibrationConfig) -> torch.Tensor:
-    scorer = engine.scorer(config.method, **config.method_params)
-    # methods whose scores depend on the budget (e.g. lookahead): these scores (the grid's median ratio) serve the
-    # features and r*'s budgets; the keep mask of every grid ratio comes from its own scoring (``_per_ratio_keep``)
-    mid = config.ratios[len(config.ratios) // 2]
-    return scorer.score(cap, engine.score_context(budgets.Budget(ratio=mid)))
+def _capture_scores(engine: CalibrationEngine, ids: torch.Tensor, config: CalibrationConfig,
+                    nll_stride: int) -> tuple[Capture, torch.Tensor, dict[str, float]]:
+    """The prefill capture and the method's scores (streamed when the engine allows it). Methods whose scores depend
+    on the budget (e.g. lookahead): these scores (the grid's median ratio) serve the features and r*'s budgets; the
+    keep mask of every grid ratio comes from its own scoring (``_per_ratio_keep``)."""
+    from kvcalib.calib.calibration.features import feature_query_positions
+    from kvcalib.calib.scorers.streaming import engine_capture_and_score
+
+    mid = budgets.Budget(ratio=config.ratios[len(config.ratios) // 2])
+    out = engine_capture_and_score(engine, ids, engine.scorer(config.method, **config.method_params), mid,
+                                   nll_stride, feature_query_positions(int(ids.numel())), streaming=STREAMING)
+    return out.capture, out.scores, {"prefill_s": out.prefill_seconds, "score_s": out.score_seconds}
 
 
 def _per_ratio_keep(engine: CalibrationEngine, cap: Capture, config: CalibrationConfig,
@@ -267,14 +274,10 @@ def _prepare(engine: CalibrationEngine, text: str, config: CalibrationConfig, pr
     t = {}
     ids, doc_start = context_ids(engine, text)
     progress(0.02, f"prefill of {ids.numel()} tokens")
-    t0 = time.perf_counter()
     full_nll = config.fidelity == "keytoken"  # LongPPL key tokens need every token's NLL
-    cap = engine.capture(ids, compute_nll=True, nll_stride=1 if full_nll else NLL_STRIDE)
-    t["prefill_s"] = time.perf_counter() - t0
-    progress(0.45, f"scoring with {config.method}")
-    t0 = time.perf_counter()
-    scores = _scores(engine, cap, config)
-    t["score_s"] = time.perf_counter() - t0
+    cap, scores, times = _capture_scores(engine, ids, config, 1 if full_nll else NLL_STRIDE)
+    t.update(times)
+    progress(0.45, f"scored with {config.method}")
     progress(0.55, "features")
     t0 = time.perf_counter()
     keep = keep_masks(scores, config.ratios, config.allocator, **config.allocator_params)

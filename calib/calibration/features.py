@@ -129,6 +129,11 @@ def score_features(scores: torch.Tensor) -> dict[str, float]:
     return out
 
 
+def feature_query_positions(n: int) -> torch.Tensor:
+    """(P,) the query positions ``attention_features`` reads (what a streaming capture must keep for it)."""
+    return _query_positions(n)
+
+
 def _query_positions(n: int, seed: int = 0) -> torch.Tensor:
     """Deterministic query positions: 64 spread over the second half of the context plus the last 32."""
     lo = n // 2
@@ -138,23 +143,26 @@ def _query_positions(n: int, seed: int = 0) -> torch.Tensor:
 
 
 def attention_features(queries: torch.Tensor, keys: torch.Tensor, keep: torch.Tensor | None = None,
-                       ratios=()) -> dict[str, float]:
-    """queries (L, Hq, Nq, d) post-RoPE of the last Nq positions, keys (L, Hkv, N, d); keep (R, L, Hkv, N) masks
-    for ``ratios`` (optional: retained-mass proxy)."""
+                       ratios=(), query_positions: torch.Tensor | None = None) -> dict[str, float]:
+    """queries (L, Hq, Nq, d) post-RoPE of the last Nq positions (or of the sorted ``query_positions`` (Nq,), as a
+    streaming capture keeps them), keys (L, Hkv, N, d); keep (R, L, Hkv, N) masks for ``ratios`` (optional:
+    retained-mass proxy)."""
     n_layers, hq, nq, d = queries.shape
     hkv, n = keys.shape[1], keys.shape[2]
     g = hq // hkv
     dev = keys.device
-    first = n - nq  # absolute position of queries[..., 0, :]
-    pos = _query_positions(n).to(dev)
-    pos = pos[pos >= first]
+    qpos = torch.arange(n - nq, n) if query_positions is None else query_positions.long().cpu()
+    pos = _query_positions(n)
+    pos = pos[torch.isin(pos, qpos)]
+    at = torch.searchsorted(qpos, pos).to(dev)  # index of each sampled position in ``queries``
+    pos = pos.to(dev)
     win = pos >= n - WINDOW
     sink, local, ent = [], [], []
     mass = torch.zeros(len(ratios), dtype=torch.float64, device=dev)
     kpos = torch.arange(n, device=dev)
     causal = kpos[None, :] <= pos[:, None]  # (P, N)
     for l in range(n_layers):
-        q = queries[l, :, pos - first].float()  # (Hq, P, d)
+        q = queries[l, :, at].float()  # (Hq, P, d)
         k = keys[l].float().repeat_interleave(g, 0)  # (Hq, N, d)
         logits = (q @ k.transpose(-1, -2)) * d ** -0.5
         a = torch.softmax(logits.masked_fill(~causal, -math.inf), dim=-1)  # (Hq, P, N)
@@ -233,7 +241,7 @@ def context_features(text: str, cap: Capture, scores: torch.Tensor, keep: torch.
     feats.update(likelihood_features(cap.token_nll))
     feats.update(text_features(text, cap.input_ids))
     feats.update(score_features(scores))
-    feats.update(attention_features(cap.queries, cap.keys, keep, ratios))
+    feats.update(attention_features(cap.queries, cap.keys, keep, ratios, cap.query_positions))
     feats.update(geometry_features(cap.keys, cap.values))
     if keep is not None and len(ratios):
         feats.update(coverage_features(keep, ratios, doc_start, window))

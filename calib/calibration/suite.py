@@ -61,3 +61,22 @@ def truth_record(engine, doc: TruthDocument, config: CalibrationConfig | None = 
 def fidelity_r_star(record: dict, name: str, tau: float) -> float:
     """r*(τ) of one fidelity candidate of a record (``curve.largest_safe_ratio``)."""
     return float(largest_safe_ratio(record["ratios"], record["fidelity"][name], tau)[0])
+
+
+def compact_record(record: dict, digits: int = 6) -> dict:
+    """What fitting needs of a truth record (features, grid, per-question survival, loss, r*_task), floats rounded
+    to ``digits`` significant digits: the shipped label files (``kvcalib fit`` reads them as it reads full ones)."""
+
+    def r(x: float) -> float:
+        return float(f"{x:.{digits}g}")
+
+    truth = record["truth"]
+    outcomes = [{"kind": o["kind"], "template": o["template"], "gold": o["gold"], "counted": o["counted"],
+                 "confidence": o.get("confidence", 0.0), "survived": o["survived"]} for o in truth["outcomes"]]
+    keep = ("format", "id", "genre", "content_hash", "params_hash", "config", "model", "context_tokens", "ratios",
+            "loss", "r_star_task", "n_counted", "question_seed")
+    out = {k: record[k] for k in keep if k in record}
+    out["features"] = {k: r(v) for k, v in record["features"].items()}
+    out["truth"] = {"ratios": truth["ratios"], "outcomes": outcomes, "loss": truth["loss"],
+                    "envelope": truth["envelope"], "r_star_task": truth["r_star_task"], "n_counted": truth["n_counted"]}
+    return out

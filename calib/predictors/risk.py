@@ -179,3 +179,84 @@ def fit_truth_predictors(train: list[dict], cal: list[dict], epsilon: float = 0.
         p.metrics["train"] = realised(p.predict(f_tr), grid, l_tr, y_tr)
         p.metrics["cal"] = realised(p.predict(f_cal), grid, l_cal, y_cal)
     return out
+
+
+# ---------------------------------------------------------------------------------------------------- labels
+def _group(record: dict) -> str:
+    return str(record.get("doc_id") or record.get("id") or record.get("content_hash", "")).split("#")[0]
+
+
+def split_by_group(records: list[dict], fractions=(0.5, 0.5, 0.0), seed: int = 0):
+    """Train / calibration / test parts of ``records`` by source (the id before ``#``), groups in a seeded random
+    order, sizes close to ``fractions`` (a zero fraction gets nothing)."""
+    import random
+
+    if len(fractions) != 3 or any(f < 0 for f in fractions) or not math.isclose(sum(fractions), 1.0):
+        raise PredictorError(f"split fractions must be three non-negative numbers summing to 1, got {fractions}")
+    groups: dict[str, list[dict]] = {}
+    for r in records:
+        groups.setdefault(_group(r), []).append(r)
+    names = sorted(groups)
+    random.Random(seed).shuffle(names)
+    bounds = [fractions[0] * len(records), (fractions[0] + fractions[1]) * len(records)]
+    parts: tuple[list, list, list] = ([], [], [])
+    acc = 0
+    for g in names:
+        part = 0 if acc < bounds[0] - 1e-9 else (1 if acc < bounds[1] - 1e-9 else 2)
+        parts[part].extend(groups[g])
+        acc += len(groups[g])
+    return parts
+
+
+def read_truth_labels(path, doc_min_confidence: float = 0.5) -> list[dict]:
+    """Truth records (JSONL, ``calibration.suite.truth_record``) re-counted with the document-question confidence
+    gate (``calibration.truth.rescore``); documents without a counted answer carry no information and are left out."""
+    import json
+    from pathlib import Path
+
+    from kvcalib.calib.calibration.truth import rescore
+
+    rows = []
+    for i, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise PredictorError(f"{path}:{i}: not JSON ({exc.msg})") from None
+        if not isinstance(r, dict) or "truth" not in r or "features" not in r:
+            raise PredictorError(f"{path}:{i}: not a truth record (written by benchmarks/calibration_truth.py)")
+        rows.append(rescore(r, doc_min_confidence))
+    last = {(r.get("id") or r.get("content_hash"), r.get("params_hash")): r for r in rows}  # a re-run's record wins
+    return [r for r in last.values() if r["n_counted"] > 0]
+
+
+def is_truth_label_file(path) -> bool:
+    """True when the first record of a JSONL file is a truth record (not a ``kvcalib calibrate`` label)."""
+    import json
+    from pathlib import Path
+
+    with Path(path).open(encoding="utf-8") as fh:
+        for line in fh:
+            if line.strip():
+                try:
+                    return isinstance(r := json.loads(line), dict) and "truth" in r and "r_star_task" in r
+                except json.JSONDecodeError:
+                    return False
+    return False
+
+
+def fit_truth_labels(records: list[dict], fractions=(0.5, 0.5, 0.0), seed: int = 0, epsilon: float = 0.05,
+                     alpha: float = 0.1) -> tuple[dict[str, Predictor], dict]:
+    """Split truth records by source and fit ``fit_truth_predictors``; returns (predictors, split description)."""
+    train, cal, test = split_by_group(records, fractions, seed)
+    if not train or not cal:
+        raise PredictorError(f"too few labelled documents ({len(records)}) for a train/calibration split")
+    preds = fit_truth_predictors(train, cal, epsilon=epsilon, alpha=alpha, seed=seed)
+    split = {"seed": seed, "fractions": list(fractions), "train": [r["content_hash"] for r in train],
+             "cal": [r["content_hash"] for r in cal], "test": [r["content_hash"] for r in test]}
+    if test:
+        f_te, grid, l_te, y_te = truth_arrays(test)
+        for p in preds.values():
+            p.metrics["test"] = realised(p.predict(f_te), grid, l_te, y_te)
+    return preds, split

@@ -37,6 +37,24 @@ class Scorer:
 
     name: ClassVar[str] = "base"
     budget_dependent: ClassVar[bool] = False  # True when the scores depend on ScoreContext.budget (score per ratio)
+    reads_queries: ClassVar[bool] = True  # False: ``score`` never reads ``cap.queries``
+    # True: the query-reading part of the scores is per layer, so the streaming path (``calib.scorers.streaming``)
+    # takes it inside the prefill (``layer_statistics``) and finishes after it (``from_statistics``)
+    layerwise: ClassVar[bool] = False
+    stream_keeps_keys_pre: ClassVar[bool] = False  # ``from_statistics`` reads the pre-RoPE keys
+
+    def query_tail(self) -> int | None:
+        """How many trailing context queries ``score`` reads after the prefill (None: every query; 0: none)."""
+        return None if self.reads_queries else 0
+
+    def layer_statistics(self, layer: Capture, ctx: ScoreContext | None = None) -> torch.Tensor:
+        """(1, ...) what a ``layerwise`` method takes of one layer's capture during the prefill; by default the
+        layer's scores (a method whose scores of layer l depend on layer l alone)."""
+        return self.score(layer, ctx)
+
+    def from_statistics(self, cap: Capture, stats: torch.Tensor, ctx: ScoreContext | None = None) -> torch.Tensor:
+        """(L, Hkv, N) scores from the stacked ``layer_statistics`` (L, ...) and the streaming capture."""
+        return stats
 
     def score(self, cap: Capture, ctx: ScoreContext | None = None) -> torch.Tensor:
         raise NotImplementedError
@@ -59,6 +77,10 @@ class WindowScorer(Scorer):
     kernel: int = 7
     pooling: str = "max"
     gqa: str = "mean"
+    layerwise: ClassVar[bool] = True
+
+    def query_tail(self) -> int | None:
+        return self.window
 
     def per_query_head(self, cap: Capture, w: int) -> torch.Tensor:
         """(L, Hq, N) unpooled scores of every query head for the window of the last ``w`` queries."""

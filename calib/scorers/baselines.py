@@ -20,6 +20,7 @@ from kvcalib.calib.scorers.base import ScoreContext, Scorer, protect
 @dataclass
 class StreamingLLM(Scorer):
     name: ClassVar[str] = "streaming"
+    reads_queries: ClassVar[bool] = False
     sinks: int = 4
 
     def score(self, cap: Capture, ctx: ScoreContext | None = None) -> torch.Tensor:
@@ -31,6 +32,7 @@ class StreamingLLM(Scorer):
 @dataclass
 class KeyNorm(Scorer):
     name: ClassVar[str] = "keynorm"
+    reads_queries: ClassVar[bool] = False
 
     def score(self, cap: Capture, ctx: ScoreContext | None = None) -> torch.Tensor:
         return -cap.keys.float().norm(dim=-1)  # (L, Hkv, N)
@@ -39,6 +41,7 @@ class KeyNorm(Scorer):
 @dataclass
 class Random(Scorer):
     name: ClassVar[str] = "random"
+    reads_queries: ClassVar[bool] = False
     seed: int = 0
 
     def score(self, cap: Capture, ctx: ScoreContext | None = None) -> torch.Tensor:

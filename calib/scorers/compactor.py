@@ -37,6 +37,10 @@ def gaussian_sketch(d: int, k: int, seed: int, device=None) -> torch.Tensor:
 @dataclass
 class Compactor(Scorer):
     name: ClassVar[str] = "compactor"
+    # streaming: the chunked attention (every query) per layer inside the prefill, the leverage after it (its
+    # jitter escalation is shared by all layers, so it is not per layer)
+    layerwise: ClassVar[bool] = True
+    stream_keeps_keys_pre: ClassVar[bool] = True
     sketch_dim: int = 48
     rho: float = 1e-6
     chunk: int = 256
@@ -57,7 +61,9 @@ class Compactor(Scorer):
         """(L, Hkv, N) approximate leverage of the centred pre-RoPE keys over all N positions."""
         return self._leverage(cap.keys_pre)
 
-    def _leverage(self, keys_pre: torch.Tensor) -> torch.Tensor:
+    def _leverage(self, keys_pre: torch.Tensor | None) -> torch.Tensor:
+        if keys_pre is None:
+            raise ValueError("Compactor needs the pre-RoPE keys (a capture taken with keep_keys_pre=True)")
         x = keys_pre.float()  # (L, Hkv, N, d)
         x = x - x.mean(dim=2, keepdim=True)
         phi = gaussian_sketch(x.shape[-1], self.sketch_dim, self.seed, x.device)  # (d, k)
@@ -76,17 +82,31 @@ class Compactor(Scorer):
             a = a * v.float().norm(dim=-1)
         return pool1d(a, self.pool_kernel, "avg")
 
-    def score(self, cap: Capture, ctx: ScoreContext | None = None) -> torch.Tensor:
+    def layer_statistics(self, cap: Capture, ctx: ScoreContext | None = None) -> torch.Tensor:
+        """(L, Hkv, N or M) the attention part: over all N positions, or the M unprotected ones when
+        ``exclude_protected`` (empty when none is left)."""
         n = cap.num_tokens
-        first, last = self.span(n)
         if not self.exclude_protected:
-            s = zscore(self.attention(cap), (1, 2)) + self.blend * zscore(self.leverage(cap), (1, 2))  # (L, Hkv, N)
-            return protect(s, first=first, last=last)
+            return self.attention(cap)
+        first, last = self.span(n)
         if cap.queries.shape[2] != n:
             raise ValueError("Compactor needs the queries of every position (capture without query_tail)")
         if n - first - last <= 0:
-            return torch.full(cap.keys.shape[:3], PROTECTED, device=cap.keys.device)
+            return cap.keys.new_zeros(cap.keys.shape[:2] + (0,), dtype=torch.float32)  # (L, Hkv, 0)
         mid = slice(first, n - last)  # the M = N − first − last unprotected positions
-        a = self._attention(cap.queries[:, :, mid], cap.keys[:, :, mid], cap.values[:, :, mid], cap.group_size)
-        s = zscore(a, (1, 2)) + self.blend * zscore(self._leverage(cap.keys_pre[:, :, mid]), (1, 2))  # (L, Hkv, M)
+        return self._attention(cap.queries[:, :, mid], cap.keys[:, :, mid], cap.values[:, :, mid], cap.group_size)
+
+    def from_statistics(self, cap: Capture, a: torch.Tensor, ctx: ScoreContext | None = None) -> torch.Tensor:
+        n = cap.num_tokens
+        first, last = self.span(n)
+        if not self.exclude_protected:
+            s = zscore(a, (1, 2)) + self.blend * zscore(self.leverage(cap), (1, 2))  # (L, Hkv, N)
+            return protect(s, first=first, last=last)
+        if n - first - last <= 0:
+            return torch.full(cap.keys.shape[:3], PROTECTED, device=cap.keys.device)
+        kp = cap.keys_pre[:, :, first:n - last] if cap.keys_pre is not None else None
+        s = zscore(a, (1, 2)) + self.blend * zscore(self._leverage(kp), (1, 2))  # (L, Hkv, M)
         return F.pad(s, (first, last), value=PROTECTED)  # (L, Hkv, N)
+
+    def score(self, cap: Capture, ctx: ScoreContext | None = None) -> torch.Tensor:
+        return self.from_statistics(cap, self.layer_statistics(cap, ctx), ctx)

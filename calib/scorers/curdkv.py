@@ -39,6 +39,7 @@ def local_normalise(x: torch.Tensor, window: int) -> torch.Tensor:
 @dataclass
 class CurDKV(Scorer):
     name: ClassVar[str] = "curdkv"
+    reads_queries: ClassVar[bool] = False
     leverage: str = "product"
     project: bool = False
     projection_dim: int = 20

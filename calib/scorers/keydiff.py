@@ -23,6 +23,7 @@ from kvcalib.calib.scorers.base import ScoreContext, Scorer
 @dataclass
 class KeyDiff(Scorer):
     name: ClassVar[str] = "keydiff"
+    reads_queries: ClassVar[bool] = False
 
     def score(self, cap: Capture, ctx: ScoreContext | None = None) -> torch.Tensor:
         kn = F.normalize(cap.keys.float(), dim=-1)  # (L, Hkv, N, d) k_j / ‖k_j‖

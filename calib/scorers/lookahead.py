@@ -40,6 +40,10 @@ class LookaheadQCache(Scorer):
     gqa: str = "mean"
     draft_allocator: str = "uniform"
 
+    def query_tail(self) -> int | None:
+        """The draft's SnapKV window and the rescoring's w₂ prompt queries (the pseudo queries come from decoding)."""
+        return max(self.draft_window, self.obs_window)
+
     @torch.no_grad()
     def pseudo_queries(self, cap: Capture, ctx: ScoreContext) -> tuple[list[int], torch.Tensor]:
         """Decode the pseudo tokens on a SnapKV-compressed copy; returns (tokens, queries (L, Hq, m, d)), m ≤ n."""

@@ -36,6 +36,10 @@ class OBCache(Scorer):
     kernel: int = 7
     pooling: str = "max"
     gqa: str = "mean"
+    layerwise: ClassVar[bool] = True
+
+    def query_tail(self) -> int | None:
+        return self.window
 
     def per_query_head(self, cap: Capture) -> torch.Tensor:
         """(L, Hq, N) unpooled saliency of every query head."""

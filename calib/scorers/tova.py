@@ -25,6 +25,10 @@ from kvcalib.calib.scorers.base import ScoreContext, Scorer, protect, window_att
 @dataclass
 class TOVA(Scorer):
     name: ClassVar[str] = "tova"
+    layerwise: ClassVar[bool] = True
+
+    def query_tail(self) -> int | None:
+        return 1
 
     def score(self, cap: Capture, ctx: ScoreContext | None = None) -> torch.Tensor:
         a = window_attention(cap, 1)  # (L, Hq, N): softmax of the last query over all N keys

@@ -6,7 +6,6 @@ from the engine's prediction (``calib.calibration.calibrate.predict``: one prefi
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -18,17 +17,18 @@ from kvcalib.calib import defaults
 from kvcalib.commands.common import console, emit_json, fail, friendly_errors, read_text_file
 
 
-def default_predictor(tolerance: float) -> Any | None:
-    """None when ``predict`` chooses its own default predictor (the shipped ones); otherwise the documented
-    fallback of the service with no stored profile: Compactor's parametric curve with neutral parameters, r = 1 − τ
-    (``kvcalib.service.FallbackPredictor``, version ``fallback-parametric-b0``)."""
-    from kvcalib.calib.calibration.calibrate import predict
+def default_predictor(model: str, config: Any) -> Any:
+    """What ``predict`` uses by default — the predictor shipped for ``model``
+    (``calib.predictors.bundled.default_predictor``) — when it was fitted for ``config``'s method, allocator and τ;
+    otherwise the service's documented fallback with no stored profile: Compactor's parametric curve with neutral
+    parameters, r = 1 − τ (``FallbackPredictor``, version ``fallback-parametric-b0``)."""
+    from kvcalib.calib.predictors.bundled import default_predictor as shipped
+    from kvcalib.service.predictions import FallbackPredictor, predictor_fits
 
-    if inspect.signature(predict).parameters["predictor"].default is not inspect.Parameter.empty:
-        return None
-    from kvcalib.service.predictions import FallbackPredictor
-
-    return FallbackPredictor([], tolerance)
+    pred = shipped(model, config.method, config.allocator)
+    if pred is not None and predictor_fits(pred, config):
+        return pred
+    return FallbackPredictor([], config.tolerance)
 
 
 def _table(pred: dict, n_tokens: int) -> Table:
@@ -51,7 +51,8 @@ def budget(
     tolerance: Annotated[float, typer.Option(help="Fidelity tolerance τ of the recommended ratio.")]
     = defaults.TOLERANCE,
     predictor: Annotated[Optional[Path], typer.Option(
-        help="Trained predictor (folder or file from `kvcalib fit`); default: the engine's default predictor.")]
+        help="Trained predictor (folder or file from `kvcalib fit`); default: the one shipped for the model when it "
+             "fits the method, allocator and τ, else the fallback r = 1 − τ.")]
     = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON with the full per-layer/per-head arrays.")]
     = False,
@@ -65,15 +66,14 @@ def budget(
     text = read_text_file(file, "document")
     if not text.strip():
         fail(f"document {str(file)!r} is empty")
+    chosen = None
     if predictor is not None:
         from kvcalib.calib.predictors import load_predictor
 
-        chosen = load_predictor(predictor)
-    else:
-        chosen = default_predictor(config.tolerance)
+        chosen = load_predictor(predictor)  # a bad file is refused before the model loads
     with Stages(quiet=as_json) as stages:
         eng = load_staged_engine(model, stages, score_label=f"scoring with {config.method}, features, budgets")
-        pred = predict(eng, text, config) if chosen is None else predict(eng, text, config, chosen)
+        pred = predict(eng, text, config, chosen or default_predictor(eng.lm.name, config))
     out = {"file": str(file), "model": eng.lm.name, "method": config.method, "allocator": config.allocator,
            "tolerance": config.tolerance, **pred.to_dict()}
     if as_json:

@@ -16,7 +16,7 @@ from rich.table import Table
 from tqdm import tqdm
 
 from kvcalib.calib import defaults
-from kvcalib.commands.common import console, emit_json, fail, friendly_errors, load_engine
+from kvcalib.commands.common import console, emit_json, fail, friendly_errors, load_engine, read_text_file
 
 
 def _ratios(text: str | None) -> tuple[float, ...] | None:
@@ -133,14 +133,21 @@ def fit_cmd(
     split: Annotated[str, typer.Option(help="train,cal,test fractions (split by essay).")] = "0.5,0.25,0.25",
     per_layer: Annotated[bool, typer.Option(help="Also learn from per-layer score features.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON report.")] = False,
+    epsilon: Annotated[float, typer.Option(help="Truth labels: target expected answer loss of the risk-controlled "
+                                                "predictor.")] = 0.05,
 ):
-    """Fit the parametric (Compactor), learned (quantile boosting) and conformal predictors of r*; save them."""
+    """Fit the parametric (Compactor), learned (quantile boosting) and conformal predictors of r*; save them.
+    Truth labels (benchmarks/calibration_truth.py) give the risk-controlled predictors instead (README)."""
     from kvcalib.calib.data.corpus import consistent_labels, read_labels, split_labels
     from kvcalib.calib.predictors import evaluate_predictors, fit_predictors, save_predictors
 
     if not 0.0 < alpha < 1.0:
         fail(f"--alpha must lie in (0, 1), got {alpha}")
     fr = _fractions(split)
+    from kvcalib.calib.predictors.risk import is_truth_label_file
+
+    if labels.is_file() and read_text_file(labels, "label file") and is_truth_label_file(labels):  # UTF-8 first
+        return _fit_truth(labels, out, alpha, epsilon, seed, fr, as_json)
     rows = consistent_labels(read_labels(labels))
     train, cal, test = split_labels(rows, seed=seed, fractions=fr)
     if not train or not cal:
@@ -163,6 +170,30 @@ def fit_cmd(
     if test:
         console.print(_metrics_table(f"held-out test (α = {alpha}, τ = {tau})", report))
     console.print(f"saved {len(preds)} predictors to {out}/ (default: conformal, {preds['conformal'].version})")
+
+
+def _fit_truth(labels: Path, out: Path, alpha: float, epsilon: float, seed: int, fr, as_json: bool) -> None:
+    """``kvcalib fit`` on truth labels: risk control of the answer loss (``predictors.risk.fit_truth_labels``)."""
+    from kvcalib.calib.predictors import save_predictors
+    from kvcalib.calib.predictors.risk import fit_truth_labels, read_truth_labels
+
+    if not 0.0 < epsilon < 1.0:
+        fail(f"--epsilon must lie in (0, 1), got {epsilon}")
+    rows = read_truth_labels(labels)
+    preds, split = fit_truth_labels(rows, fr, seed=seed, epsilon=epsilon, alpha=alpha)
+    save_predictors(out, preds, extra={"default": "risk", "labels": str(labels), "epsilon": epsilon, "alpha": alpha,
+                                       "target": "task_truth", "split": split})
+    if as_json:
+        emit_json({"out": str(out), "versions": {k: p.version for k, p in preds.items()},
+                   "metrics": {k: p.metrics for k, p in preds.items()}})
+        return
+    console.print(f"split: {len(split['train'])} train / {len(split['cal'])} calibration / {len(split['test'])} "
+                  f"test documents (truth labels, ε = {epsilon}, α = {alpha})")
+    for name, p in preds.items():
+        m = p.metrics.get("test") or p.metrics["cal"]
+        console.print(f"  {name:>12}: mean ratio {m['mean_ratio']:.3f}, answer loss {m['loss']:.3f}, "
+                      f"violation {m['violation_rate']:.3f} ({'test' if 'test' in p.metrics else 'calibration'})")
+    console.print(f"saved {len(preds)} predictors to {out}/ (default: risk, {preds['risk'].version})")
 
 
 @friendly_errors

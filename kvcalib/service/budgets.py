@@ -47,7 +47,8 @@ class Budgets:
         config = self.validator.config(p)
         info = model_info(p.model)
         with self.db.session() as s:
-            resolved = self.validator.document(s, doc, info, persist=persist)
+            resolved = self.validator.document(s, doc, info, persist=persist,
+                                              keep_text=False)  # hash-only mode: never the text
             if prefer_profile:
                 view = repo.find_budget(s, content_hash=resolved.content_hash, model_name=info.name,
                                         tolerance=p.tolerance, method=p.method, allocator=p.allocator)

@@ -32,7 +32,8 @@ class Compressor:
         config = self.validator.config(p)
         info = model_info(p.model)
         with self.db.session() as s:
-            resolved = self.validator.document(s, doc, info, persist=True)
+            resolved = self.validator.document(s, doc, info, persist=True,
+                                              keep_text=False)  # hash-only mode: never the text
             profile = None if ratio is not None else repo.find_budget(
                 s, content_hash=resolved.content_hash, model_name=info.name, tolerance=p.tolerance, method=p.method,
                 allocator=p.allocator)

@@ -124,7 +124,7 @@ def is_live(run: CalibrationRun, now: dt.datetime | None = None) -> bool:
 def as_utc(t: dt.datetime | None) -> dt.datetime | None:
     """SQLite hands timestamps back naive (they are stored in UTC)."""
     if t is not None and t.tzinfo is None:
-        return t.replace(tzinfo=dt.timezone.utc)
+        return t.replace(tzinfo=dt.UTC)
     return t
 
 

@@ -20,7 +20,7 @@ import logging
 import threading
 from dataclasses import dataclass, field
 
-from sqlalchemy import select, update
+from sqlalchemy import Row, select, update
 
 from kvcalib.service.db import Database
 from kvcalib.service.dispatch import Dispatcher
@@ -59,7 +59,8 @@ class Sweeper:
                                     c.updated_at, c.attempts)
                              .where(c.status.in_(UNFINISHED), not_live(now)).order_by(c.id)).all()
         report = SweepReport()
-        expired, queued = [], []
+        expired: list[Row] = []
+        queued: list[Row] = []
         for r in rows:
             if r.status == RunStatus.running.value:
                 silent = now - as_utc(r.updated_at) > dt.timedelta(seconds=self.policy.lease_seconds)
@@ -79,7 +80,7 @@ class Sweeper:
                         len(report.expired), report.expired, len(report.lost), report.lost, len(report.unsent))
         return report
 
-    def _missing(self, queued: list, now: dt.datetime, grace: float) -> list:
+    def _missing(self, queued: list[Row], now: dt.datetime, grace: float) -> list[Row]:
         """The queued runs whose task id the executor does not hold."""
         outstanding = getattr(self.dispatcher, "outstanding", None)
         try:
@@ -92,7 +93,7 @@ class Sweeper:
             return [r for r in queued if now - as_utc(r.dispatched_at or r.updated_at) >= wait]
         return [r for r in queued if r.task_id is None or r.task_id not in held]
 
-    def _redispatch(self, r, now: dt.datetime, reason: str, into: list[int], report: SweepReport) -> None:
+    def _redispatch(self, r: Row, now: dt.datetime, reason: str, into: list[int], report: SweepReport) -> None:
         c = CalibrationRun
         with self.db.session() as s:  # take it: only if nobody changed the run since it was read
             taken = s.execute(update(c).where(

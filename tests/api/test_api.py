@@ -99,6 +99,32 @@ def test_full_calibration_job_profile_budget(embedded, docs):
     assert 'kvcalib_jobs{status="succeeded"}' in metrics and 'route="/budget"' in metrics
 
 
+def test_finished_document_is_answered_while_the_broker_is_down(embedded, docs):
+    """Resubmitting a calibrated document needs no broker: the stored result comes back (200), not a 503; a new
+    document is a 503 and nothing of it is written."""
+    from kvcalib.api.app import create_app
+    from kvcalib.service import repository as repo
+    from tests.support import DOWN_REDIS
+
+    s = embedded_settings(embedded.settings.data_dir, broker_url=DOWN_REDIS,
+                          database_url=embedded.settings.db_url)
+    with TestClient(create_app(s, resume=False)) as down:
+        done = embedded.get("/jobs/1").json()
+        assert done["status"] == "succeeded"
+        r = full(down, docs[0])
+        assert r.status_code == 200, r.text
+        assert r.json()["id"] == done["id"] and r.json()["result"] == done["result"]
+        with down.app.state.service.db.session() as sess:
+            before = repo.run_counts(sess)
+        r = full(down, docs[5])
+        assert r.status_code == 503 and r.headers["retry-after"]
+        with down.app.state.service.db.session() as sess:
+            assert repo.run_counts(sess) == before
+            from kvcalib.calib.data.documents import content_hash
+
+            assert repo.get_document_by_hash(sess, content_hash=content_hash(docs[5])) is None
+
+
 def test_compress_download_loads_back(embedded, docs, engine):
     from kvcalib.calib.data.documents import content_hash
     from kvcalib.calib.cache.export import load_compressed
@@ -201,7 +227,8 @@ def test_input_errors_are_4xx_with_clear_messages(embedded):
     assert post({"text": "a\u0000b"}).status_code == 422
     raw = lambda data: embedded.post("/calibrate", content=data, headers={"content-type": "application/json"})  # noqa
     assert raw(b'{"text": "\\ud800 lone surrogate"}').status_code == 422
-    assert 400 <= raw(b'{"text": "\xff\xfe not utf-8"}').status_code < 500
+    r = raw(b'{"text": "\xff\xfe not utf-8"}')
+    assert r.status_code == 422 and "UTF-8" in r.json()["detail"]  # as documented (was 400)
     assert raw(b"{not json").status_code == 422
     r = embedded.post("/batches/upload", files={"file": ("c.jsonl", b"\xff\xfe")})
     assert r.status_code == 422 and "UTF-8" in r.json()["detail"]

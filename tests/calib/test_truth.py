@@ -141,21 +141,21 @@ def test_decode_rows_and_teacher_forcing_equal_one_row_greedy_decoding(engine, d
 # ---------------------------------------------------------------------------------------------------- truth
 def test_truth_equals_a_naive_per_pair_reference(engine, doc, prepared):
     cap, scores, _ = prepared
-    cfg = TruthConfig(ratios=RATIOS, doc_min_confidence=0.0)
+    cfg = TruthConfig(ratios=RATIOS, doc_min_confidence=0.0, max_answer_tokens=16)
     res = evaluate_truth(engine, doc, cfg, capture=cap, scores=scores)
     keep = keep_masks(scores, RATIOS, cfg.allocator)
     tok = engine.tokenizer
     expected = []
     for q in doc.questions:
         prompt = engine.prompt("", q.question).question_ids
-        full = greedy_decode(engine.lm.model, RaggedKVCache.from_full(cap.keys, cap.values), prompt, 24,
+        full = greedy_decode(engine.lm.model, RaggedKVCache.from_full(cap.keys, cap.values), prompt, 16,
                              engine.eos_ids).token_ids
         full_text = tok.decode(full, skip_special_tokens=True)
         counted = q.is_correct(full_text) if q.has_gold else bool(normalize(full_text))
         raw = []
         for r in range(len(RATIOS)):
             ids = greedy_decode(engine.lm.model, RaggedKVCache.from_mask(cap.keys, cap.values, keep[r + 1]), prompt,
-                                24, engine.eos_ids).token_ids
+                                16, engine.eos_ids).token_ids
             if q.has_gold:
                 raw.append(q.is_correct(tok.decode(ids, skip_special_tokens=True)))
             else:  # a flip: the first doc_answer_tokens tokens changed

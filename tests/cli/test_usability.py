@@ -146,15 +146,14 @@ def test_methods_json_lists_methods_allocators_and_policies():
 # ---------------------------------------------------------------------------------------------------- demo
 @pytest.mark.slow
 def test_demo_reports_mean_kept_per_head_and_fraction(engine):
-    res = runner.invoke(app, ["demo", "--no-serve", "--ratios", "0,0.6", "--json"])
+    res = runner.invoke(app, ["demo", "--no-serve", "--ratios", "0.6", "--json"])
     assert res.exit_code == 0, res.output
     assert "✓" not in res.stderr
     out = json.loads(res.stdout)
     n = out["context_tokens"]
-    assert [r["ratio"] for r in out["rows"]] == [0.0, 0.6]
+    assert [r["ratio"] for r in out["rows"]] == [0.6]
     for r in out["rows"]:
         # the allocator keeps L·Hkv·⌈(1 − r)·N⌉ positions in total: the mean per head is ⌈(1 − r)·N⌉
         expected = max(1, math.ceil((1 - r["ratio"]) * n - 1e-9))
         assert r["kept_per_head"] == expected
         assert r["kept_fraction"] == round(expected / n, 4)
-    assert out["rows"][0]["kept_fraction"] == 1.0 and out["rows"][0]["correct"]  # the full cache finds 62817

@@ -165,6 +165,51 @@ def test_batches_and_counts(db):
 
 
 # ---------------------------------------------------------------------------------------------------- validation
+def test_delete_document_removes_everything_derived_from_it(db):
+    """DELETE /documents/{id} at the repository level: the document (its text), its runs with their curve points
+    and batch items, its profiles — and nothing of another document."""
+    gone, _ = seeded_run(db, "document to delete")
+    kept, _ = seeded_run(db, "document to keep")
+    gone2, _ = seeded_run(db, "document to delete", params_hash="q" * 64)  # a second run of the same document
+    for run_id in (gone, kept):
+        with db.session() as s:
+            repo.save_result(s, run=repo.get_run(s, run_id=run_id), result=fake_result(), token_budget=100)
+    with db.session() as s:
+        repo.create_batch(s, run_ids=[gone, kept, gone2], params={})
+        doc_id = repo.get_run(s, run_id=gone).document_id
+        kept_doc = repo.get_run(s, run_id=kept).document_id
+        assert repo.unfinished_runs_of_document(s, document_id=doc_id) == sorted([gone, gone2])
+        counts = repo.delete_document(s, document_id=doc_id)
+    assert counts == {"batch_items": 2, "curve_points": 3, "profiles": 1, "runs": 2, "documents": 1}
+    with db.session() as s:
+        assert repo.get_document(s, document_id=doc_id) is None
+        assert repo.get_run(s, run_id=gone) is None and repo.get_run(s, run_id=gone2) is None
+        assert repo.curve_points(s, run_id=gone) == [] and repo.profile_for_run(s, run_id=gone) is None
+        assert repo.count_profiles(s) == 1 and repo.get_document(s, document_id=kept_doc).text == "document to keep"
+        assert [r[1] for r in repo.batch_rows(s, batch_id=1)] == [kept]
+        assert repo.delete_document(s, document_id=doc_id)["documents"] == 0
+
+
+def test_forget_texts_keeps_the_text_of_unfinished_runs(db):
+    """Hash-only retention: a text goes once no queued/running run needs it (the hash and size stay)."""
+    from kvcalib.service.orm import RunStatus
+
+    done, _ = seeded_run(db, "finished document")
+    pending, _ = seeded_run(db, "pending document")
+    with db.session() as s:
+        repo.set_run(s, run_id=done, status=RunStatus.succeeded.value)
+    with db.session() as s:
+        assert repo.forget_texts(s) == 1
+    with db.session() as s:
+        assert repo.get_run(s, run_id=done).document.text == ""
+        assert repo.get_run(s, run_id=done).document.n_bytes == len(b"finished document")
+        assert repo.get_run(s, run_id=pending).document.text == "pending document"
+        repo.set_run(s, run_id=pending, status=RunStatus.failed.value)
+    with db.session() as s:
+        pending_doc = repo.get_run(s, run_id=pending).document_id
+        assert repo.forget_texts(s, document_id=pending_doc) == 1 and repo.forget_texts(s) == 0
+
+
 def test_validate_text_limits():
     assert validate_text("héllo", 100) == "héllo".encode()
     with pytest.raises(TooLargeError):
