@@ -40,6 +40,9 @@ class CalibrationOptions(Strict):
 
 class CalibrationParamsIn(Strict):
     model: ModelName | None = Field(None, description="Registry model (default: KVCALIB_DEFAULT_MODEL).")
+    dtype: Literal["fp32", "bf16", "fp16"] | None = Field(
+        None, description="Model dtype the request expects; must equal the service's KVCALIB_WORKER_DTYPE "
+                          "(default: that dtype). A mismatch is refused (422), never run on another dtype.")
     method: MethodName | None = Field(None, description="Scoring method (default: KVCALIB_DEFAULT_METHOD).")
     allocator: AllocatorName | None = Field(None, description="Budget allocator (default: KVCALIB_DEFAULT_ALLOCATOR).")
     tolerance: float | None = Field(None, gt=0.0, le=1.0, description="Fidelity tolerance τ: r* is the largest ratio "

@@ -7,7 +7,7 @@ at several context lengths (issue 16, item 2; target: calibrate's peak ≤ 1.3×
 
 Every (stage, length) runs in a fresh child process (``--child``) so that one stage's allocator state never shows in
 another's peak: the child loads the model, warms up, then samples its resident set (``/proc/self/statm``) every
-2 ms while the stage runs. Reported per stage: the peak RSS above the post-load baseline (MiB), its ratio to the
+2 ms while the stage runs (after ``malloc_trim``, so freed warm-up memory does not mask growth). Reported per stage: the peak RSS above the post-load baseline (MiB), its ratio to the
 plain prefill's at the same length, and the tensor bytes the stage holds at its end (the plain prefill: its KV
 cache; the captures: what ``prefill`` kept — keys, values, pre-RoPE keys, queries).
 """
@@ -15,6 +15,8 @@ cache; the captures: what ``prefill`` kept — keys, values, pre-RoPE keys, quer
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import json
 import os
 import subprocess
@@ -87,6 +89,8 @@ def child(stage: str, tokens: int, method: str, dtype: str, model: str) -> dict:
     ids, _ = cal.context_ids(eng, text)
     config = cal.CalibrationConfig(method=method)
     cal.calibrate(eng, document(eng.tokenizer, 200), config)  # warm-up: every code path once, at a small size
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand the warm-up's freed heap back: it would hide the stage's growth
     held = 0
     base = rss_bytes()
     with torch.no_grad(), PeakSampler() as s:

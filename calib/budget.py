@@ -14,6 +14,8 @@ total is spread:
   entries) is split across layers ∝ the normalised entropy of the layer's scores and each layer's protected entries
   are added on top (see ``lava_layer_budgets``), then ``adakv`` selection inside each layer with the floor
   ⌊α·C/(L·H)⌋ of the even context share;
+* ``per_layer`` — every head of a layer keeps the same positions (the top of the heads' mean score): the layout
+  of paged engines, which evict a token across all heads of a layer;
 * ``counts`` — the ragged interface: an explicit (L, Hkv) count per (layer, head), see ``select_topk``.
 
 Protected entries (score +inf) sort first everywhere, so they are kept as long as a head's / layer's allocation
@@ -113,10 +115,7 @@ def layer_topk(scores: torch.Tensor, budget: int, floor: int) -> torch.Tensor:
 
 def adakv(scores: torch.Tensor, per_head: int, alpha: float = 0.2, **_) -> torch.Tensor:
     """AdaKV: every layer keeps H·per_head entries, spread over its heads by score with a context floor per head."""
-    n_layers, h, n = scores.shape
-    prot = torch.isposinf(scores).sum((1, 2))  # (L,)
-    return torch.stack([layer_topk(scores[l], h * per_head, context_floor(h * per_head, int(prot[l]), h, alpha, n))
-                        for l in range(n_layers)])
+    return adakv_masks(scores, [per_head], alpha)[0]  # one vectorised pass over the layers (== layer_topk per layer)
 
 
 def adakv_masks(scores: torch.Tensor, per_heads: list[int], alpha: float = 0.2) -> torch.Tensor:
@@ -246,8 +245,24 @@ def lava(scores: torch.Tensor, per_head: int, alpha: float = 0.2, **_) -> torch.
     return torch.stack([layer_topk(scores[l], int(budgets[l]), f) for l in range(n_layers)])
 
 
+def per_layer(scores: torch.Tensor, per_head: int, reduce: str = "mean", **_) -> torch.Tensor:
+    """Per-layer selection for paged engines (vLLM, SGLang evict a token from every head of a layer at once): the
+    heads' scores of a layer are combined (``reduce``: mean | max over heads; protected +inf stays +inf) and every
+    head keeps the same top ``per_head`` positions of the combined score (ties: lower position). Each layer keeps
+    exactly Hkv·per_head entries, as ``uniform``."""
+    n_layers, h, n = scores.shape
+    if reduce == "mean":
+        combined = scores.mean(1)  # (L, N)
+    elif reduce == "max":
+        combined = scores.amax(1)
+    else:
+        raise BudgetError(f"unknown reduce {reduce!r}: expected 'mean' or 'max'")
+    counts = torch.full((n_layers, 1), per_head, dtype=torch.long)
+    return select_topk(combined.unsqueeze(1), counts).expand(n_layers, h, n).clone()  # (L, Hkv, N)
+
+
 Allocator = Callable[..., torch.Tensor]
-ALLOCATORS: dict[str, Allocator] = {"uniform": uniform, "adakv": adakv, "lava": lava}
+ALLOCATORS: dict[str, Allocator] = {"uniform": uniform, "adakv": adakv, "lava": lava, "per_layer": per_layer}
 
 
 def available_allocators() -> list[str]:

@@ -51,6 +51,8 @@ class Settings(BaseSettings):
     gpu_queue: str = Field(default="kvcalib-gpu", description="Celery queue consumed by GPU workers.")
     route_to_gpu: bool = Field(default=False, description="Route calibration jobs to the GPU queue.")
     worker_device: str = Field(default="cpu", description="Torch device of the model in workers (cpu, cuda).")
+    worker_dtype: Literal["fp32", "bf16", "fp16"] = Field(
+        default="fp32", description="Dtype of the model weights and KV cache in the service's engines.")
     broker_visibility_timeout: int = Field(
         default=3600, ge=1, description="Seconds before an unacknowledged job (dead worker) is redelivered.")
     broker_timeout: float = Field(default=1.0, gt=0, description="Seconds to wait for the broker before a 503.")

@@ -11,9 +11,8 @@ from __future__ import annotations
 import dataclasses
 import time
 
-from kvcalib.calib.calibration.calibrate import NLL_STRIDE, CalibrationConfig, _scores, context_ids
-from kvcalib.calib.calibration.curve import keep_masks, largest_safe_ratio
-from kvcalib.calib.calibration.features import context_features
+from kvcalib.calib.calibration.calibrate import CalibrationConfig, _noop, _prepare
+from kvcalib.calib.calibration.curve import largest_safe_ratio
 from kvcalib.calib.calibration.fidelity import FIDELITIES, fidelity_curves
 from kvcalib.calib.calibration.truth import TruthConfig, evaluate_truth, item_token_spans
 from kvcalib.calib.data.hashing import content_hash
@@ -28,14 +27,10 @@ def truth_record(engine, doc: TruthDocument, config: CalibrationConfig | None = 
     """Features, fidelity curves and task truth of ``doc`` under ``config`` (method, allocator, grid, probes)."""
     config = (config or CalibrationConfig()).validate()
     t0 = time.perf_counter()
-    ids, doc_start = context_ids(engine, doc.text)
-    need_full_nll = "keytoken" in fidelities
-    cap = engine.capture(ids, compute_nll=True, nll_stride=1 if need_full_nll else NLL_STRIDE)
-    scores = _scores(engine, cap, config)
-    keep = keep_masks(scores, config.ratios, config.allocator, **config.allocator_params)
-    strided = dataclasses.replace(cap, token_nll=cap.token_nll[::NLL_STRIDE]) if need_full_nll else cap
-    feats = context_features(doc.text, strided, scores, keep[1:], config.ratios, doc_start=doc_start,
-                             window=config.probe_tokens)
+    # exactly what calibrate / predict compute (features from the strided context NLL); the keytoken candidate
+    # needs every token's NLL, which its config makes _prepare capture (features still from every 8th token)
+    prep = dataclasses.replace(config, fidelity="keytoken") if "keytoken" in fidelities else config
+    cap, doc_start, scores, keep, feats, _ = _prepare(engine, doc.text, prep, _noop)
     t_feat = time.perf_counter() - t0
     tcfg = truth_config or TruthConfig(method=config.method, method_params=config.method_params,
                                        allocator=config.allocator, allocator_params=config.allocator_params,

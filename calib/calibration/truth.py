@@ -11,9 +11,9 @@ come after the compressed context, so compression stays query-agnostic):
    non-empty, with a mean top-1 probability ≥ ``doc_min_confidence`` over its compared tokens (a coin-flip answer
    changes under any perturbation and says nothing about compression);
 3. each counted answer — cut after its gold strings, or to its first ``doc_answer_tokens`` tokens for a document
-   question — is teacher-forced under the grid's rows in one packed forward per half of the grid (the upper half
-   only for answers not lost in the lower one) (``answers.teacher_forced``): the row reproduces it exactly iff its
-   top-1 agrees at every token;
+   question — is teacher-forced under the grid's rows, ``STAGE_ROWS`` ratios at a time upwards, in one packed
+   forward per stage for the answers not yet lost (``answers.teacher_forced``): the row reproduces it exactly iff
+   its top-1 agrees at every token;
 4. a gold answer that is not reproduced exactly may still be right in other words: for every such question its
    first failing ratio is decoded for real (``decode_failures``; all questions in one batch) and checked for the
    gold strings — if right, its next failing ratio, and so on. A document question whose answer changed is lost
@@ -41,6 +41,9 @@ from kvcalib.calib.data.questions import Question, TruthDocument, normalize
 from kvcalib.calib.errors import KvcalibError
 
 
+STAGE_ROWS = 3  # grid rows teacher-forced per stage (an answer lost in a stage is not forced at larger ratios)
+
+
 class TruthError(KvcalibError):
     pass
 
@@ -53,7 +56,7 @@ class TruthConfig:
     allocator_params: dict = field(default_factory=dict)
     ratios: tuple[float, ...] = defaults.RATIOS
     max_answer_tokens: int = 24  # full-cache answers are decoded up to this many tokens (gold found: stop)
-    doc_answer_tokens: int = 8  # a document question's answer must survive over its first tokens
+    doc_answer_tokens: int = 12  # a document question's answer must survive over its first tokens
     doc_min_confidence: float = 0.5  # ... and counts only when the full cache gave it with this mean top-1 prob.
     decode_failures: bool = True  # re-decode gold answers whose exact wording changed (may still be right)
 
@@ -161,6 +164,11 @@ def item_token_spans(engine, text: str, spans: list[tuple[int, int]]) -> list[tu
     return out
 
 
+def _stages(n: int, size: int) -> list[tuple[int, int]]:
+    """Consecutive [lo, hi) index ranges of at most ``size`` grid rows covering ``range(n)``."""
+    return [(lo, min(n, lo + size)) for lo in range(0, n, size)]
+
+
 def _first_false(flags: list[bool], start: int = 0) -> int:
     """Index of the first False in ``flags[start:]`` (``len(flags)`` when there is none)."""
     return next((i for i in range(start, len(flags)) if not flags[i]), len(flags))
@@ -236,9 +244,9 @@ def evaluate_truth(engine, doc: TruthDocument, config: TruthConfig | None = None
     idx = [i for i, c in enumerate(counted) if c]
     cuts = {i: _cut_reference(tok, qs[i], refs[i], config.doc_answer_tokens) for i in idx}
     first_loss = {i: n_r for i in idx}
-    alive = list(idx)  # answers not lost yet: the grid is walked in two halves, the second for these only
+    alive = list(idx)  # answers not lost yet: the grid is walked upwards in stages, each for these only
     timings["forced_s"] = timings["redecode_s"] = 0.0
-    for lo, hi in ((0, n_r // 2), (n_r // 2, n_r)):
+    for lo, hi in _stages(n_r, STAGE_ROWS):
         if not alive or lo == hi:
             continue
         # 3. the answers teacher-forced under the half's rows in one packed forward

@@ -17,7 +17,10 @@ _EXPORTS: dict[str, str] = {
     "KvcalibCompressor": "hf",
     "CompressionOutcome": "hf",
     "new_cache": "hf",
-    "model_shape": "hf",
+    "model_shape": "servers",
+    "ModelShape": "servers",
+    "encode_kept_positions": "servers",
+    "decode_kept_positions": "servers",
 }
 
 __all__ = list(_EXPORTS)

@@ -24,7 +24,6 @@ position ids, so ``model(ids, past_key_values=cache)`` or ``calib.cache.decode.g
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import threading
 import time
@@ -41,6 +40,7 @@ from kvcalib.calib import defaults
 from kvcalib.calib.cache.ragged import RaggedKVCache
 from kvcalib.calib.capture import Capture, PrefillRecorder
 from kvcalib.calib.errors import KvcalibError
+from kvcalib.calib.integrations.servers import model_name, model_shape
 from kvcalib.calib.lm.hooks import install_capture_hooks, recording
 from kvcalib.calib.lm.registry import LoadedModel, ModelSpec
 from kvcalib.calib.scorers import ScoreContext, Scorer, get_scorer
@@ -48,40 +48,6 @@ from kvcalib.calib.scorers import ScoreContext, Scorer, get_scorer
 
 class IntegrationError(KvcalibError):
     pass
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """What a server needs to lay out a budget: layers, kv / query heads, head dim and the cache dtype."""
-
-    layers: int
-    kv_heads: int
-    query_heads: int
-    head_dim: int
-    dtype: str
-    model_type: str
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-
-
-def model_shape(model: torch.nn.Module) -> ModelShape:
-    """The ``ModelShape`` of a transformers causal LM (from its config and parameter dtype)."""
-    cfg = model.config
-    hq = cfg.num_attention_heads
-    dtype = next(model.parameters()).dtype
-    return ModelShape(layers=cfg.num_hidden_layers, kv_heads=getattr(cfg, "num_key_value_heads", None) or hq,
-                      query_heads=hq, head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // hq,
-                      dtype=_DTYPES.get(dtype, str(dtype)), model_type=str(getattr(cfg, "model_type", "")))
-
-
-def model_name(model: torch.nn.Module) -> str:
-    """The registry name of a model loaded from kvcalib's converted folder (``.../models/<name>``), else the folder
-    name of its ``name_or_path``."""
-    return Path(str(getattr(model.config, "_name_or_path", "") or "model")).name
 
 
 def new_cache() -> RaggedKVCache:
@@ -110,6 +76,18 @@ class CompressionOutcome:
                 "kv_bytes_full": self.kv_bytes_full, "predicted": self.predicted,
                 "predictor_version": self.predictor_version,
                 "timings": {k: round(v, 4) for k, v in self.timings.items()}}
+
+
+@dataclass
+class _NoGrad:
+    """A ``LayerObserver`` running another one without autograd (the caller's forward may track gradients)."""
+
+    inner: Any
+
+    def observe(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pre: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.inner.observe(layer_idx, q.detach(), k.detach(), v.detach(),
+                               k_pre.detach() if k_pre is not None else None)
 
 
 _SESSION: ContextVar[KvcalibCompressor | None] = ContextVar("kvcalib_compress_session", default=None)
@@ -145,6 +123,7 @@ class KvcalibCompressor:
         self._target: RaggedKVCache | None = None
         self._started = 0.0
         self._config = None
+        self._version: str | None = None
         if ratio == "auto":
             self._config, self.predictor = self._auto_config()
 
@@ -179,6 +158,7 @@ class KvcalibCompressor:
                 from kvcalib.calib.predictors import ParametricPredictor
 
                 pred = ParametricPredictor(alpha=0.0, beta=0.0, tau=cfg.tolerance)
+                self._version = "fallback-parametric-b0"
         elif isinstance(pred, (str, Path)):
             pred = load_predictor(pred)
         for key in ("method", "allocator", "tolerance"):
@@ -199,7 +179,7 @@ class KvcalibCompressor:
         observers, tail, keep_pre = [], None, True
         if self.scorer.layerwise:
             self._observer = LayerwiseScoring(self.scorer, self._score_context())
-            observers, tail, keep_pre = [self._observer], 0, self.scorer.stream_keeps_keys_pre
+            observers, tail, keep_pre = [_NoGrad(self._observer)], 0, self.scorer.stream_keeps_keys_pre
         elif self.scorer.query_tail() is not None:
             tail = self.scorer.query_tail()
         qpos = kept_queries(n, tail, extra)
@@ -224,6 +204,7 @@ class KvcalibCompressor:
         eos = {getattr(self.tokenizer, "eos_token_id", None)} if self.tokenizer is not None else set()
         return ScoreContext(lm=lm, budget=budget, eos_ids={i for i in eos if i is not None})
 
+    @torch.no_grad()
     def _finish(self, ids: torch.Tensor, logits: torch.Tensor | None) -> RaggedKVCache:
         """ids (N,), logits (N, V) or (1, V) of the prefill -> the compressed cache."""
         self._stop_recording()
@@ -233,9 +214,11 @@ class KvcalibCompressor:
         n = int(ids.numel())
         if not all(rec.seen_pre):
             raise IntegrationError("the capture hooks recorded no pre-RoPE keys: the model's layers were replaced")
-        cap = Capture(input_ids=ids.cpu(), keys=torch.stack(rec.keys), values=torch.stack(rec.values),
-                      keys_pre=torch.stack(rec.keys_pre) if rec.keep_keys_pre else None,
-                      queries=torch.stack(rec.queries),
+        logits = logits.detach() if logits is not None else None
+        cap = Capture(input_ids=ids.detach().cpu(), keys=torch.stack(rec.keys).detach(),
+                      values=torch.stack(rec.values).detach(),
+                      keys_pre=torch.stack(rec.keys_pre).detach() if rec.keep_keys_pre else None,
+                      queries=torch.stack(rec.queries).detach(),
                       last_logits=logits[-1].float() if logits is not None else torch.zeros(0),
                       query_positions=rec.query_positions.cpu() if rec.query_positions is not None else None)
         del rec
@@ -255,7 +238,7 @@ class KvcalibCompressor:
         if predicted:
             t1 = time.perf_counter()
             ratio, feats = self._predict(cap, scores, logits)
-            version = self.predictor.version
+            version = self._version or self.predictor.version
             budget = budgets.Budget(ratio=ratio)
             if self.scorer.budget_dependent:
                 scores = self.scorer.score(cap, self._score_context(budget))
@@ -328,8 +311,7 @@ def _take_cache(kwargs: dict) -> Any:
 
 def _clear_cache(kwargs: dict) -> None:
     for key in _CACHE_KWARGS:
-        if key in kwargs:
-            kwargs[key] = None
+        kwargs.pop(key, None)
 
 
 def _pre_hook(_module: torch.nn.Module, args: tuple, kwargs: dict):

@@ -89,7 +89,8 @@ class RiskControlPredictor(Predictor):
         self.grid = [float(g) for g in grid]
 
     def params(self) -> dict:
-        return {"base": {"kind": self.base.kind, "params": self.base.params(), "created": self.base.created},
+        # no timestamp among the parameters: refitting the same labels gives the same content hash
+        return {"base": {"kind": self.base.kind, "params": self.base.params()},
                 "epsilon": self.epsilon, "lambda": None if math.isinf(self.lam) else self.lam, "grid": self.grid,
                 "r_max": self.r_max, "n_cal": self.n_cal}
 

@@ -19,7 +19,7 @@ from typing import ClassVar
 import torch
 
 from kvcalib.calib.capture import Capture
-from kvcalib.calib.scorers.base import ScoreContext, Scorer, protect, window_attention
+from kvcalib.calib.scorers.base import ScoreContext, Scorer, protect
 
 
 @dataclass
@@ -31,6 +31,8 @@ class TOVA(Scorer):
         return 1
 
     def score(self, cap: Capture, ctx: ScoreContext | None = None) -> torch.Tensor:
-        a = window_attention(cap, 1)  # (L, Hq, N): softmax of the last query over all N keys
-        s = a.mean(1, keepdim=True).expand(-1, cap.keys.shape[1], -1)  # (L, Hkv, N) mean over the layer's heads
-        return protect(s, last=1)
+        n_layers, hkv, n, d = cap.keys.shape
+        q = cap.queries[:, :, -1].float().view(n_layers, hkv, cap.group_size, d)  # (L, Hkv, g, d) last query
+        z = q @ cap.keys.float().transpose(-1, -2) * d**-0.5  # (L, Hkv, g, N), no repeat of the keys
+        a = torch.softmax(z, dim=-1).mean((1, 2))  # (L, N) mean over the layer's Hq query heads
+        return protect(a[:, None].expand(-1, hkv, -1), last=1)  # (L, Hkv, N)

@@ -16,7 +16,16 @@ from rich.table import Table
 from tqdm import tqdm
 
 from kvcalib.calib import defaults
-from kvcalib.commands.common import console, emit_json, fail, friendly_errors, load_engine, read_text_file
+from kvcalib.commands.common import (
+    DeviceOpt,
+    DtypeOpt,
+    console,
+    emit_json,
+    fail,
+    friendly_errors,
+    load_engine,
+    read_text_file,
+)
 
 
 def _ratios(text: str | None) -> tuple[float, ...] | None:
@@ -59,6 +68,8 @@ def calibrate_cmd(
     shuffle: Annotated[Optional[int], typer.Option(help="Shuffle the documents with this seed before --limit.")]
     = None,
     model: Annotated[str, typer.Option(help="Registry name or local HF model folder.")] = defaults.MODEL,
+    dtype: DtypeOpt = "fp32",
+    device: DeviceOpt = "cpu",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ):
     """Calibrate every document of CORPUS (quality curve + r*) and append one result per line to --out."""
@@ -82,7 +93,7 @@ def calibrate_cmd(
 
     with Stages(quiet=quiet) as stages:
         with stages.stage(f"loading model {model}"):
-            eng = load_engine(model)
+            eng = load_engine(model, device=device, dtype=dtype)
         with stages.stage(f"cutting {corpus} into {min_tokens}..{max_tokens}-token documents"):
             docs = load_corpus(corpus, eng.tokenizer, min_tokens, max_tokens, limit=limit, seed=shuffle)
     ph = config.params_hash()

@@ -9,7 +9,7 @@ import sys
 import traceback
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -125,7 +125,11 @@ def read_text_file(path: Path, what: str = "file") -> str:
              kind="UnicodeDecodeError")
 
 
-def load_engine(model: str, device: str = "cpu"):
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="Weights and KV-cache dtype: fp32, bf16 or fp16.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="Device to run the model on: cpu, cuda or cuda:N.")]
+
+
+def load_engine(model: str, device: str = "cpu", dtype: str = "fp32"):
     """The engine of ``model`` with the weights cache of the settings (``KVCALIB_CACHE_DIR``)."""
     from transformers.utils import logging as hf_logging
 
@@ -133,4 +137,4 @@ def load_engine(model: str, device: str = "cpu"):
     from kvcalib.settings import get_settings
 
     hf_logging.disable_progress_bar()  # the CLI shows its own stages; stdout/stderr stay clean under --json
-    return Engine.load(model, device=device, cache_dir=get_settings().cache_dir)
+    return Engine.load(model, device=device, dtype=dtype, cache_dir=get_settings().cache_dir)

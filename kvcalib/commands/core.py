@@ -14,6 +14,8 @@ from tqdm import tqdm
 from kvcalib.calib import defaults
 from kvcalib.commands import budget, demo
 from kvcalib.commands.common import (
+    DeviceOpt,
+    DtypeOpt,
     check_names,
     console,
     emit_json,
@@ -57,6 +59,8 @@ def generate(
     tokens: TokensOpt = None,
     allocator: AllocOpt = defaults.ALLOCATOR,
     model: ModelOpt = defaults.MODEL,
+    dtype: DtypeOpt = "fp32",
+    device: DeviceOpt = "cpu",
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 48,
     decode_policy: Annotated[Optional[str], typer.Option(help="Generation-time cache policy, e.g. morphkv.")] = None,
     decode_budget: Annotated[Optional[int], typer.Option(help="Cache size C of the decode policy.")] = None,
@@ -74,7 +78,7 @@ def generate(
     b = _budget(ratio, tokens)
     policy = _decode_policy(decode_policy, decode_budget, decode_recent)
     with Stages(quiet=as_json) as stages:
-        eng = load_staged_engine(model, stages, score_label=f"scoring with {method}")
+        eng = load_staged_engine(model, stages, score_label=f"scoring with {method}", device=device, dtype=dtype)
         res = eng.run(text, question, method=method, budget=b, allocator=allocator, max_new_tokens=max_new_tokens,
                       policy=policy)
     if as_json:
@@ -99,6 +103,8 @@ def eval_passkey(
     seed: Annotated[int, typer.Option(help="Task seed.")] = 0,
     context_tokens: Annotated[int, typer.Option(help="Haystack length in tokens.")] = 1500,
     model: ModelOpt = defaults.MODEL,
+    dtype: DtypeOpt = "fp32",
+    device: DeviceOpt = "cpu",
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON report.")] = False,
 ):
     """Single-needle passkey retrieval accuracy under query-agnostic compression."""
@@ -113,7 +119,7 @@ def eval_passkey(
     b = _budget(ratio, tokens)
     with Stages(quiet=as_json) as stages:
         with stages.stage(f"loading model {model}"):
-            eng = load_engine(model)
+            eng = load_engine(model, device=device, dtype=dtype)
         with stages.stage(f"{n} passkey example(s) of {context_tokens} tokens"):
             examples = tasks.passkey(eng.tokenizer, n, seed=seed, n_tokens=context_tokens)
     rows = []

@@ -99,11 +99,12 @@ class StagedEngine(Engine):
         return super().answer(cache, question_ids, max_new_tokens, policy)
 
 
-def load_staged_engine(model: str, stages: Stages, score_label: str = "scoring") -> StagedEngine:
+def load_staged_engine(model: str, stages: Stages, score_label: str = "scoring", device: str = "cpu",
+                       dtype: str = "fp32") -> StagedEngine:
     """Load ``model`` as the stage ``loading model …`` and wrap it in a ``StagedEngine``."""
     from kvcalib.commands.common import load_engine
 
     stages.begin(f"loading model {model}")
-    eng = load_engine(model)
+    eng = load_engine(model, device=device, dtype=dtype)
     stages.end()
     return StagedEngine(eng.lm, stages, score_label)

@@ -92,24 +92,27 @@ def model_info(name: str) -> ModelInfo:
 
         canonical, folder = resolve_model_dir(name, _cache_dir())
         cfg = json.loads((folder / "config.json").read_text())
-        info = ModelInfo(name=canonical, revision=_revision(folder),
+        info = ModelInfo(name=canonical, revision=_revision(folder, _cache_dir()),
                          max_positions=int(cfg.get("max_position_embeddings") or 4096),
                          tokenizer=AutoTokenizer.from_pretrained(folder, local_files_only=True))
         _INFO[name] = info
         return info
 
 
-_ENGINES: dict[tuple[str, str], Engine] = {}
+_ENGINES: dict[tuple[str, str, str], Engine] = {}
 
 
-def get_engine(name: str, device: str = "cpu") -> Engine:
-    """The process-wide ``Engine`` of a registry model (weights loaded on first use only)."""
+def get_engine(name: str, device: str = "cpu", dtype: str | None = None) -> Engine:
+    """The process-wide ``Engine`` of a registry model (weights loaded on first use only); ``dtype`` defaults to
+    the settings' ``KVCALIB_WORKER_DTYPE`` (fp32)."""
     from kvcalib.calib.pipeline import Engine
+    from kvcalib.settings import get_settings
 
     check_model_name(name)
-    key = (name, device)
+    dtype = dtype or get_settings().worker_dtype
+    key = (name, device, dtype)
     with _ENGINE_LOCK:
         eng = _ENGINES.get(key)
         if eng is None:
-            eng = _ENGINES[key] = Engine.load(name, device=device, cache_dir=_cache_dir())
+            eng = _ENGINES[key] = Engine.load(name, device=device, dtype=dtype, cache_dir=_cache_dir())
         return eng

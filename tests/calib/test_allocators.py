@@ -15,7 +15,9 @@ from kvcalib.calib.budget import (
     adakv_masks,
     allocate,
     apportion,
+    context_floor,
     lava,
+    layer_topk,
     lava_layer_budgets,
     normalised_entropy,
 )
@@ -78,8 +80,11 @@ def test_adakv_masks_equal_one_call_per_budget(alpha):
     per = [0, 1, 5, 17, 40, N]
     masks = adakv_masks(s, per, alpha=alpha)
     assert masks.shape == (len(per), L, H, N)
-    for i, p in enumerate(per):
-        assert torch.equal(masks[i], adakv(s, p, alpha=alpha)), p
+    for i, p in enumerate(per):  # the vectorised pass equals AdaKV's selection run layer by layer
+        by_layer = torch.stack([layer_topk(s[l], H * p, context_floor(H * p, int(torch.isposinf(s[l]).sum()), H,
+                                                                      alpha, N)) for l in range(L)])
+        assert torch.equal(masks[i], by_layer), p
+        assert torch.equal(adakv(s, p, alpha=alpha), by_layer), p
 
 
 def test_adakv_floor_binds_for_a_starved_head():

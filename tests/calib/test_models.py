@@ -192,3 +192,40 @@ def test_qwen_coder_smoke_load_passkey_and_calibration():
     cal = calibrate(eng, ex.context, cfg)
     assert cal.model == QWEN and cal.ratios == [0.3, 0.7] and 0.0 <= cal.r_star <= 0.7
     assert len(cal.layer_budgets) == 24 and len(cal.head_budgets[0]) == 2
+
+
+def test_cli_dtype_and_device_are_checked_with_a_clear_message(tmp_path):
+    from typer.testing import CliRunner
+
+    from kvcalib.cli import app
+
+    ctx = tmp_path / "ctx.txt"
+    ctx.write_text(CONTEXT)
+    res = CliRunner().invoke(app, ["generate", str(ctx), QUESTION, "--dtype", "fp8"])
+    assert res.exit_code == 2 and "unknown dtype 'fp8'" in res.output and "Traceback" not in res.output
+    res = CliRunner().invoke(app, ["generate", str(ctx), QUESTION, "--device", "tpu", "--json"])
+    assert res.exit_code == 2 and "device 'tpu'" in res.output
+
+
+def test_api_request_model_and_dtype_fields():
+    """``model`` is an enum of the registered models; a ``dtype`` other than the service's is refused (422)."""
+    from types import SimpleNamespace
+
+    from pydantic import ValidationError
+
+    from kvcalib.api.convert import params_of
+    from kvcalib.api.schemas import CalibrateRequest
+    from kvcalib.calib.lm.registry import available_models
+    from kvcalib.service.errors import ServiceInputError
+
+    assert {"smollm2-135m", QWEN} <= set(available_models())
+    schema = CalibrateRequest.model_json_schema()["properties"]
+    assert all(name in str(schema["model"]) for name in available_models()) and "bf16" in str(schema["dtype"])
+    for bad in ({"model": "gpt-9"}, {"dtype": "fp8"}):
+        with pytest.raises(ValidationError):
+            CalibrateRequest.model_validate({"text": "x", **bad})
+    body = CalibrateRequest.model_validate({"text": "x", "model": QWEN, "dtype": "bf16"})
+    service = SimpleNamespace(settings=SimpleNamespace(worker_dtype="fp32"))
+    with pytest.raises(ServiceInputError, match="runs its models in 'fp32'") as err:
+        params_of(service, body)
+    assert err.value.status_code == 422

@@ -139,7 +139,12 @@ def test_decode_rows_and_teacher_forcing_equal_one_row_greedy_decoding(engine, d
 
 
 # ---------------------------------------------------------------------------------------------------- truth
-def test_truth_equals_a_naive_per_pair_reference(engine, doc, prepared):
+def test_truth_equals_a_naive_per_pair_reference(engine, doc, prepared, monkeypatch):
+    """Every (ratio, question) pair decoded alone on a physically compressed cache; the grid walked in stages of
+    two rows (an answer lost in the first stage is not forced in the second)."""
+    from kvcalib.calib.calibration import truth as truth_module
+
+    monkeypatch.setattr(truth_module, "STAGE_ROWS", 2)
     cap, scores, _ = prepared
     cfg = TruthConfig(ratios=RATIOS, doc_min_confidence=0.0, max_answer_tokens=16)
     res = evaluate_truth(engine, doc, cfg, capture=cap, scores=scores)

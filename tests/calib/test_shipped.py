@@ -1,0 +1,102 @@
+"""Predictors fitted on task truth: `kvcalib fit` on truth labels, the shipped predictors (reproducible from the
+labels beside them) and ``predict`` using them by default (real model: two documents, two ratios)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from kvcalib.calib.predictors import RiskControlPredictor, load_manifest, load_predictors
+from kvcalib.calib.predictors.bundled import default_predictor, shipped_folder, shipped_models, shipped_predictor
+from kvcalib.cli import app
+
+GRID = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95]
+MODEL = "smollm2-135m"
+runner = CliRunner()
+
+
+def _params(preds: dict) -> dict:
+    """Every predictor's parameters without the timestamps nested bases carry."""
+    def strip(x):
+        if isinstance(x, dict):
+            return {k: strip(v) for k, v in x.items() if k != "created"}
+        return [strip(v) for v in x] if isinstance(x, list) else x
+
+    return {k: strip(p.params()) for k, p in preds.items()}
+
+
+def _record(i: int, rng) -> dict:
+    x = float(rng.uniform())
+    thr = np.clip(0.2 + 0.6 * x + rng.normal(0, 0.1, 3), 0, 1)
+    surv = [[bool(g < t) for g in GRID] for t in thr]
+    outcomes = [{"kind": "needle", "template": "number", "gold": ["1"], "counted": True, "confidence": 0.9,
+                 "survived": s} for s in surv]
+    outcomes.append({"kind": "document", "template": "document", "gold": [], "counted": True, "confidence": 0.2,
+                     "survived": [False] * len(GRID)})  # below the confidence gate: never counts
+    loss = [float(np.mean([not s[j] for s in surv])) for j in range(len(GRID))]
+    return {"format": "kvcalib.truth_record/1", "id": f"src{i // 2}#{i % 2}", "content_hash": f"h{i}",
+            "params_hash": "p", "config": {"method": "compactor", "allocator": "adakv"}, "features": {"x": x},
+            "ratios": GRID, "loss": loss, "r_star_task": 0.0, "n_counted": 4,
+            "truth": {"ratios": GRID, "outcomes": outcomes, "loss": loss, "envelope": loss, "r_star_task": 0.0,
+                      "n_counted": 4}}
+
+
+def test_fit_on_truth_labels_is_risk_control_and_deterministic(tmp_path):
+    rng = np.random.default_rng(0)
+    labels = tmp_path / "truth.jsonl"
+    labels.write_text("".join(json.dumps(_record(i, rng)) + "\n" for i in range(120)))
+    outs = []
+    for k in range(2):
+        out = tmp_path / f"p{k}"
+        res = runner.invoke(app, ["fit", str(labels), "--out", str(out), "--split", "0.5,0.5,0", "--epsilon", "0.1",
+                                  "--json"])
+        assert res.exit_code == 0, res.output
+        outs.append(out)
+    m = load_manifest(outs[0])
+    assert m["default"] == "risk" and m["target"] == "task_truth" and m["split"]["test"] == []
+    a, b = load_predictors(outs[0]), load_predictors(outs[1])
+    assert set(a) == {"risk", "risk_global", "conformal", "global"}
+    assert _params(a) == _params(b) and a["risk"].content_hash() == b["risk"].content_hash()
+    risk = a["risk"]
+    assert isinstance(risk, RiskControlPredictor) and risk.epsilon == 0.1 and np.isfinite(risk.lam)
+    # the confidence gate re-counted the records: the document question never counts, so r*_task is recomputed
+    assert risk.metrics["cal"]["loss"] <= 0.1 + 1e-9
+    bad = runner.invoke(app, ["fit", str(labels), "--out", str(tmp_path / "x"), "--epsilon", "1.5"])
+    assert bad.exit_code == 2 and "epsilon" in bad.output
+
+
+def test_shipped_predictor_is_reproducible_from_its_labels(tmp_path):
+    assert MODEL in shipped_models()
+    folder = shipped_folder(MODEL)
+    m = load_manifest(folder)
+    assert m["default"] == "risk" and m["target"] == "task_truth"
+    res = runner.invoke(app, ["fit", str(folder / "labels.jsonl"), "--out", str(tmp_path / "again"), "--split",
+                              ",".join(str(x) for x in m["split"]["fractions"]), "--seed", str(m["split"]["seed"]),
+                              "--epsilon", str(m["epsilon"]), "--alpha", str(m["alpha"]), "--json"])
+    assert res.exit_code == 0, res.output
+    again = load_predictors(tmp_path / "again")
+    shipped = load_predictors(folder)
+    assert _params(again) == _params(shipped)
+    assert again["risk"].content_hash() == shipped["risk"].content_hash()
+    pred = shipped_predictor(MODEL)
+    assert isinstance(pred, RiskControlPredictor) and np.isfinite(pred.lam)
+    assert default_predictor(MODEL, "compactor", "adakv") is pred
+    assert default_predictor(MODEL, "snapkv", "adakv") is None and default_predictor("no-such-model") is None
+
+
+def test_predict_uses_the_shipped_predictor_and_depends_on_the_document(engine):
+    from kvcalib.calib.calibration.calibrate import CalibrationConfig, CalibrationError, predict
+    from kvcalib.calib.data.documents import chunk_by_tokens, load_essays
+
+    essays = load_essays()
+    docs = [chunk_by_tokens(engine.tokenizer, essays[name], 250, 400)[0] for name in sorted(essays)[:4]]
+    preds = [predict(engine, d, CalibrationConfig()) for d in docs]
+    assert all(p.predictor_version.startswith("risk-") for p in preds)
+    ratios = {round(p.ratio, 4) for p in preds}
+    assert len(ratios) >= 2 and all(0.0 <= r <= 0.95 for r in ratios), ratios
+    assert 0.05 not in ratios  # never the 1 − τ fallback of the service
+    with pytest.raises(CalibrationError, match="no shipped predictor"):
+        predict(engine, docs[0], CalibrationConfig(method="snapkv"))
