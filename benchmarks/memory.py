@@ -7,9 +7,10 @@ at several context lengths (issue 16, item 2; target: calibrate's peak ≤ 1.3×
 
 Every (stage, length) runs in a fresh child process (``--child``) so that one stage's allocator state never shows in
 another's peak: the child loads the model, warms up, then samples its resident set (``/proc/self/statm``) every
-2 ms while the stage runs (after ``malloc_trim``, so freed warm-up memory does not mask growth). Reported per stage: the peak RSS above the post-load baseline (MiB), its ratio to the
-plain prefill's at the same length, and the tensor bytes the stage holds at its end (the plain prefill: its KV
-cache; the captures: what ``prefill`` kept — keys, values, pre-RoPE keys, queries).
+2 ms while the stage runs (after ``malloc_trim``, so freed warm-up memory does not mask growth). Reported per
+stage: the peak RSS above the post-load baseline (MiB), its ratio to the plain prefill's at the same length, and the
+tensor bytes the stage holds at its end (the plain prefill: its KV cache; the captures: what ``prefill`` kept —
+keys, values, pre-RoPE keys, queries).
 """
 
 from __future__ import annotations

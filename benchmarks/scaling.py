@@ -91,11 +91,11 @@ def main() -> None:
         plain(ids[:64])
         pw, pc, runs = [], [], {m: [] for m, _ in modes}
         for _ in range(args.repeats):
-            w, c, _ = timed(lambda: plain(ids))
+            w, c, _ = timed(lambda ids=ids: plain(ids))
             pw.append(w)
             pc.append(c)
             for mode, streaming in modes:
-                w, c, res = timed(lambda: calib(text, streaming))
+                w, c, res = timed(lambda text=text, streaming=streaming: calib(text, streaming))
                 runs[mode].append((w, c, res.timings, res.r_star))
         row = {"tokens": int(ids.numel()), "length": n, "prefill_s": statistics.median(pw),
                "prefill_cpu_s": statistics.median(pc)}

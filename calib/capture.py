@@ -125,7 +125,8 @@ class PrefillRecorder:
         if self.query_positions is not None:
             self.queries[layer_idx] = q[0, :, self.query_positions.to(q.device)]  # (Hq, Nq, d) a copy
         else:
-            self.queries[layer_idx] = q[0] if self.query_tail is None else q[0, :, max(0, q.shape[2] - self.query_tail):].clone()
+            tail = self.query_tail
+            self.queries[layer_idx] = q[0] if tail is None else q[0, :, max(0, q.shape[2] - tail):].clone()
 
     def record_key_source(self, layer_idx: int, out: torch.Tensor) -> None:
         # out (1, N, Hkv·d) from k_proj, or (1, N, Hkv, d) from k_norm

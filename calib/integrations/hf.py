@@ -17,9 +17,13 @@ the shipped predictor (``calib.predictors.bundled``), exactly as ``calibrate.pre
 when none ships for the model, method and allocator, the service's documented fallback (Compactor's parametric
 curve at b = 0: r = 1 − τ, version reported in ``outcome.predictor_version``).
 
-A permanent forward pre-hook (installed once per model, state per call only) lets the model's ordinary forward take
-a ``RaggedKVCache`` as ``past_key_values``: it is routed to the attention path as ``kvcalib_state`` with the original
-position ids, so ``model(ids, past_key_values=cache)`` or ``calib.cache.decode.greedy_decode`` continue from it.
+Entering ``compress`` the first time installs, once per model: kvcalib's ``"kvcalib"`` attention implementation
+(plain causal SDPA whenever no kvcalib state is passed, so the model's other uses are unchanged), the capture hooks,
+and the cache-routing hooks below; architectures the attention path does not reproduce are refused
+(``calib.lm.support``). The permanent forward pre-hook (state per call only) lets the model's ordinary forward
+take a ``RaggedKVCache`` as ``past_key_values`` (or ``cache``): it is routed to the attention path as
+``kvcalib_state`` with the original position ids, so ``model(ids, past_key_values=cache)`` or
+``calib.cache.decode.greedy_decode`` continue from it.
 """
 
 from __future__ import annotations

@@ -87,7 +87,8 @@ def capture_and_score(lm: LoadedModel, input_ids: torch.Tensor, scorer: Scorer, 
                       *, compute_nll: bool = False, nll_stride: int = 1,
                       extra_query_positions: torch.Tensor | None = None) -> StreamedScores:
     """One prefill of ``input_ids`` (N,) that scores with ``scorer`` as it goes; keeps only the queries needed later
-    (``scorer.query_tail()`` and ``extra_query_positions``) and no pre-RoPE key unless the scorer's finish reads them."""
+    (``scorer.query_tail()`` and ``extra_query_positions``) and no pre-RoPE key unless the scorer's finish reads
+    them."""
     n = int(input_ids.numel())
     if scorer.layerwise:
         obs = LayerwiseScoring(scorer, ctx)
@@ -117,8 +118,8 @@ def engine_capture_and_score(engine, ids: torch.Tensor, scorer: Scorer, budget: 
 
     if streaming and getattr(type(engine), "capture", None) is Engine.capture:
         t0 = time.perf_counter()
-        out = capture_and_score(engine.lm, ids, scorer, engine.score_context(budget), compute_nll=True, nll_stride=nll_stride,
-                                extra_query_positions=extra_query_positions)
+        out = capture_and_score(engine.lm, ids, scorer, engine.score_context(budget), compute_nll=True,
+                                nll_stride=nll_stride, extra_query_positions=extra_query_positions)
         out.prefill_seconds = time.perf_counter() - t0 - out.score_seconds  # with the NLL and the stacking
         return out
     t0 = time.perf_counter()

@@ -16,8 +16,9 @@ QUESTIONS = ["What is the passkey?", "What is the essay about?"]
 
 @pytest.fixture(scope="module")
 def pipe(engine):
-    import kvcalib.calib.integrations.pipeline  # noqa: F401  (registers the task)
     from transformers import pipeline
+
+    import kvcalib.calib.integrations.pipeline  # noqa: F401  (registers the task)
 
     return pipeline("kv-calib-qa", model=engine.lm.model, tokenizer=engine.tokenizer)
 

@@ -189,7 +189,7 @@ def test_qwen_coder_smoke_load_passkey_and_calibration():
     res = eng.run(ex.context, ex.question, max_new_tokens=12)
     assert 900 <= res.context_tokens <= 1200 and ex.answer in res.answer
     cfg = CalibrationConfig(ratios=(0.3, 0.7), n_probes=2, probe_tokens=8, cue_tokens=6, allocator="uniform")
-    cal = calibrate(eng, ex.context, cfg)
+    cal = calibrate(eng, ex.context[: len(ex.context) // 2], cfg)  # ~500 tokens: the second, smaller prefill
     assert cal.model == QWEN and cal.ratios == [0.3, 0.7] and 0.0 <= cal.r_star <= 0.7
     assert len(cal.layer_budgets) == 24 and len(cal.head_budgets[0]) == 2
 
