@@ -19,15 +19,16 @@ from pathlib import Path
 
 import torch
 
-from kvcalib.calib.data import synthetic as tasks
 from kvcalib.calib.budget import Budget, allocate, available_allocators
-from kvcalib.calib.cache.ragged import RaggedKVCache
-from kvcalib.calib.pipeline import Engine
 from kvcalib.calib.cache.decode import greedy_decode_batch
+from kvcalib.calib.cache.ragged import RaggedKVCache
+from kvcalib.calib.data import synthetic as tasks
+from kvcalib.calib.pipeline import Engine
 from kvcalib.calib.scorers import available_methods, get_scorer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py beside it, also under -m
 from common import write_report  # noqa: E402
+
 
 def parse_list(text: str, valid: list[str], what: str) -> list[str]:
     items = valid if text == "all" else [x.strip() for x in text.split(",") if x.strip()]

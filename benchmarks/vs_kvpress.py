@@ -267,10 +267,12 @@ def main(argv: list[str] | None = None) -> dict:
                     torch.manual_seed(args.seed)  # kvpress' leverage sketch is drawn unseeded
                     kps, kpk = kvpress_scores(p, kp, rec, 0.5)
                     ours = allocate(scores[p.name], Budget(ratio=0.5), p.allocator)
-                    t_ours = median_time(lambda p=p: allocate(scorers[p.name].score(cap), Budget(ratio=0.5),
-                                                              p.allocator) if p.adakv else
-                                         scorers[p.name].score(cap), args.repeat)
-                    t_kp = median_time(lambda p=p: time_kvpress(p, kp, rec, 0.5), args.repeat)
+                    def ours_once(p=p, scorer=scorers[p.name], cap=cap):
+                        s = scorer.score(cap)
+                        return allocate(s, Budget(ratio=0.5), p.allocator) if p.adakv else s
+
+                    t_ours = median_time(ours_once, args.repeat)
+                    t_kp = median_time(lambda p=p, rec=rec: time_kvpress(p, kp, rec, 0.5), args.repeat)
                     score_rows[p.name] = {
                         "spearman": round(spearman(scores[p.name], kps), 4),
                         "kept_overlap_0.5": round(float((ours & kpk).sum()) / float(kpk.sum()), 4),

@@ -28,14 +28,14 @@ per-head sums are the allocation.
 
 from __future__ import annotations
 
-from kvcalib.calib.defaults import ALLOCATOR
-from kvcalib.calib.errors import KvcalibError
-
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+from kvcalib.calib.defaults import ALLOCATOR
+from kvcalib.calib.errors import KvcalibError
 
 
 class BudgetError(KvcalibError):

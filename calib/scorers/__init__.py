@@ -7,7 +7,6 @@ method); ``SCORERS`` lists them.
 from __future__ import annotations
 
 from kvcalib.calib.errors import KvcalibError
-
 from kvcalib.calib.scorers.base import PROTECTED, ScoreContext, Scorer
 from kvcalib.calib.scorers.baselines import KeyNorm, Random, StreamingLLM
 from kvcalib.calib.scorers.compactor import Compactor

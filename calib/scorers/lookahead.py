@@ -12,7 +12,8 @@ via Pseudo Query".
    (w₂ = 8: LAQ++; w₂ = 0: LAQ).
 
 The engine then compresses the real cache with these scores and decodes the answer from it; the pseudo tokens are
-discarded. The scores depend on the budget (``budget_dependent``): calibration scores once per grid ratio. The pseudo tokens and queries of the last call are left in ``cap.extras["lookahead"]``.
+discarded. The scores depend on the budget (``budget_dependent``): calibration scores once per grid ratio. The
+pseudo tokens and queries of the last call are left in ``cap.extras["lookahead"]``.
 """
 
 from __future__ import annotations
@@ -48,8 +49,8 @@ class LookaheadQCache(Scorer):
     def pseudo_queries(self, cap: Capture, ctx: ScoreContext) -> tuple[list[int], torch.Tensor]:
         """Decode the pseudo tokens on a SnapKV-compressed copy; returns (tokens, queries (L, Hq, m, d)), m ≤ n."""
         from kvcalib.calib.budget import Budget, allocate
-        from kvcalib.calib.cache.ragged import RaggedKVCache
         from kvcalib.calib.cache.decode import forward_tokens
+        from kvcalib.calib.cache.ragged import RaggedKVCache
 
         budget = ctx.budget if ctx.budget is not None else Budget(ratio=0.0)
         draft = SnapKV(window=self.draft_window, kernel=self.kernel, pooling="max").score(cap)

@@ -17,8 +17,8 @@ from kvcalib.calib.budget import (
     apportion,
     context_floor,
     lava,
-    layer_topk,
     lava_layer_budgets,
+    layer_topk,
     normalised_entropy,
 )
 from kvcalib.calib.cache.ragged import RaggedKVCache
@@ -181,7 +181,7 @@ def reference_adakv_layer(prefix: list[list[float]], budget_per_head: int, w: in
     kept = set()
     for hh, row in enumerate(prefix):
         kept |= {(hh, j) for j in sorted(range(n_prefix), key=lambda j: (-row[j], j))[:floor]}
-    rest = sorted(((-prefix[hh][j], hh, j) for hh in range(h) for j in range(n_prefix) if (hh, j) not in kept))
+    rest = sorted((-prefix[hh][j], hh, j) for hh in range(h) for j in range(n_prefix) if (hh, j) not in kept)
     kept |= {(hh, j) for _, hh, j in rest[: h * base - len(kept)]}
     return kept | {(hh, n_prefix + t) for hh in range(h) for t in range(w)}
 

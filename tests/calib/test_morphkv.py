@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from kvcalib.calib.budget import Budget, allocate
-from kvcalib.calib.cache.ragged import RaggedKVCache
-from kvcalib.calib.cache.policies import DECODE_POLICIES, get_policy
-from kvcalib.calib.errors import KvcalibError
 from kvcalib.calib.cache.decode import greedy_decode
 from kvcalib.calib.cache.morphkv import MorphKV
+from kvcalib.calib.cache.policies import DECODE_POLICIES, get_policy
+from kvcalib.calib.cache.ragged import RaggedKVCache
+from kvcalib.calib.errors import KvcalibError
 
 
 def test_registered_and_validated():
