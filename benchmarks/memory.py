@@ -150,7 +150,10 @@ def main() -> None:
             if proc.returncode or not line:
                 raise SystemExit(f"{stage} at {n} tokens failed:\n{proc.stderr[-3000:]}")
             rows.append(json.loads(line[-1][7:]) | {"length": n})
-            print(f"{stage:>20} {n:>6}: peak +{rows[-1]['peak_over_baseline_mib']:.0f} MiB", flush=True)
+            r = rows[-1]
+            print(f"{stage:>20} {n:>6}: peak {r['peak_mib']:.0f} MiB (+{r['peak_over_baseline_mib']:.0f} over "
+                  f"{r['baseline_mib']:.0f}), held {r['held_mib']:.0f} MiB", flush=True)
+            write_report({"partial": True, "rows": rows}, args.out)  # kept if a later stage is cut short
     for r in rows:
         base = next((x for x in rows if x["length"] == r["length"] and x["stage"] == "prefill"), None)
         r["ratio_to_prefill"] = (r["peak_mib"] / base["peak_mib"]) if base else None
