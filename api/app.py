@@ -99,8 +99,15 @@ def create_app(settings: Settings | None = None, *, dispatcher: Dispatcher | Non
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     install_error_handlers(app)
 
-    from kvcalib.api import (routes_batches, routes_budget, routes_calibrate, routes_documents, routes_health,
-                             routes_jobs, routes_profiles)
+    from kvcalib.api import (
+        routes_batches,
+        routes_budget,
+        routes_calibrate,
+        routes_documents,
+        routes_health,
+        routes_jobs,
+        routes_profiles,
+    )
 
     for module in (routes_calibrate, routes_budget, routes_jobs, routes_batches, routes_profiles, routes_documents,
                    routes_health):

@@ -8,8 +8,17 @@ from dataclasses import asdict
 
 from fastapi import Request
 
-from kvcalib.api.schemas import (BatchDocument, BatchOut, BudgetOut, CalibrationParamsIn, DocumentIn, JobOut,
-                                 PredictOut, ProfileOut, Readiness)
+from kvcalib.api.schemas import (
+    BatchDocument,
+    BatchOut,
+    BudgetOut,
+    CalibrationParamsIn,
+    DocumentIn,
+    JobOut,
+    PredictOut,
+    ProfileOut,
+    Readiness,
+)
 from kvcalib.service import BatchView, BudgetView, CalibrationParams, DocumentInput, JobView, ProfileView, Service
 from kvcalib.service import Readiness as ReadinessView
 

@@ -10,8 +10,16 @@ from fastapi.responses import JSONResponse
 
 from kvcalib.api.convert import batch_out, document_input, params_of
 from kvcalib.api.deps import ReadAccess, ServiceDep, WriteAccess
-from kvcalib.api.schemas import (MAX_ID, AllocatorName, BatchOut, BatchRequest, CalibrationOptions, ErrorOut,
-                                 MethodName, ModelName)
+from kvcalib.api.schemas import (
+    MAX_ID,
+    AllocatorName,
+    BatchOut,
+    BatchRequest,
+    CalibrationOptions,
+    ErrorOut,
+    MethodName,
+    ModelName,
+)
 from kvcalib.service import BatchView, ServiceInputError, decode_utf8, parse_jsonl
 
 router = APIRouter(tags=["batches"])

@@ -32,7 +32,8 @@ def main() -> None:
     ap.add_argument("--allocator", default="adakv")
     ap.add_argument("--also-ratio", type=float, action="append", default=[])
     ap.add_argument("--max-new-tokens", type=int, default=16)
-    ap.add_argument("--n-probes", type=int, default=None, help="reconstruction probes per context (default: CalibrationConfig's)")
+    ap.add_argument("--n-probes", type=int, default=None,
+                    help="reconstruction probes per context (default: CalibrationConfig's)")
     ap.add_argument("--predictor", default=None,
                     help="also answer at this predictor's ratio (folder or file from `kvcalib fit`)")
     ap.add_argument("--threads", type=int, default=None)
@@ -46,10 +47,10 @@ def main() -> None:
 
     from tqdm import tqdm
 
-    from kvcalib.calib.data import synthetic as tasks
     from kvcalib.calib.budget import Budget
     from kvcalib.calib.cache.ragged import RaggedKVCache
     from kvcalib.calib.calibration.calibrate import CalibrationConfig, _scores, calibrate
+    from kvcalib.calib.data import synthetic as tasks
     from kvcalib.calib.pipeline import Engine
 
     eng = Engine.load(args.model)

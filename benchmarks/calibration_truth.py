@@ -38,8 +38,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py beside it, also under -m
-from common import write_report  # noqa: E402
 from calibration_truth_analysis import compare_fidelities, evaluate_split, passkey_check  # noqa: E402
+from common import write_report  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------------- genres

@@ -3,10 +3,8 @@ predictors fitted on task truth, and the passkey check at the recommended ratios
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
-from pathlib import Path
 
 import numpy as np
 

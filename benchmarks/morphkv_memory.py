@@ -18,11 +18,11 @@ from pathlib import Path
 
 import torch
 
-from kvcalib.calib.data import synthetic as tasks
-from kvcalib.calib.cache.ragged import RaggedKVCache
-from kvcalib.calib.pipeline import Engine
 from kvcalib.calib.cache.decode import greedy_decode
 from kvcalib.calib.cache.morphkv import MorphKV
+from kvcalib.calib.cache.ragged import RaggedKVCache
+from kvcalib.calib.data import synthetic as tasks
+from kvcalib.calib.pipeline import Engine
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py beside it, also under -m
 from common import write_report  # noqa: E402

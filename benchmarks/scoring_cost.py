@@ -28,9 +28,9 @@ def main() -> None:
     args = ap.parse_args()
 
     from kvcalib.calib.budget import Budget
+    from kvcalib.calib.data.synthetic import haystack
     from kvcalib.calib.pipeline import Engine
     from kvcalib.calib.scorers import available_methods
-    from kvcalib.calib.data.synthetic import haystack
 
     eng = Engine.load(args.model)
     ids = eng.tokenizer(haystack(eng.tokenizer, args.tokens, random.Random(0)), return_tensors="pt").input_ids[0]

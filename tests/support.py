@@ -231,3 +231,81 @@ def equal_length_documents(engine, n: int, tokens: int) -> list[str]:
             if len(docs) == n:
                 return docs
     raise AssertionError(f"the essays gave only {len(docs)} documents of {tokens} context tokens")
+
+
+# ---------------------------------------------------------------------------------------------------- API apps
+def isolated_settings(data_dir, **overrides):
+    """``Settings`` from the arguments alone: the environment's ``KVCALIB_*`` variables (all but the model cache
+    dir) are hidden while they are built, and no ``.env`` file is read."""
+    from kvcalib.settings import Settings
+
+    saved = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith("KVCALIB_") and k != "KVCALIB_CACHE_DIR"}
+    try:
+        return Settings(_env_file=None, data_dir=data_dir, **overrides)
+    finally:
+        os.environ.update(saved)
+
+
+class RecordingDispatcher:
+    """A job dispatcher that records the submitted run ids and executes nothing."""
+
+    kind = "in-process"
+
+    def __init__(self):
+        self.submitted: list[int] = []
+
+    def check(self):
+        pass
+
+    def submit(self, run_id):
+        self.submitted.append(run_id)
+        return f"recorded-{run_id}"
+
+    def close(self, wait=False):
+        pass
+
+
+# ---------------------------------------------------------------------------------------------------- threads
+def run_threads(fn, args: list[tuple]) -> list:
+    """``fn(*a)`` for every ``a`` on its own plain thread, all released together; results in order, errors raised."""
+    import threading
+
+    barrier = threading.Barrier(len(args))
+    results: list = [None] * len(args)
+    errors: list[BaseException] = []
+
+    def target(i: int) -> None:
+        try:
+            barrier.wait(timeout=60)
+            results[i] = fn(*args[i])
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the test thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=target, args=(i,)) for i in range(len(args))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+    if errors:
+        raise errors[0]
+    assert not any(t.is_alive() for t in threads), "a thread did not finish"
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------- scorers
+def assert_feeds_allocator(capture, scorer: str, allocator: str) -> None:
+    """The scorer's scores on ``capture`` are well formed and the allocator keeps exactly the budget from them,
+    protected (+inf) entries included."""
+    import torch
+
+    from kvcalib.calib.budget import Budget, allocate, available_allocators
+    from kvcalib.calib.scorers import get_scorer
+
+    assert allocator in available_allocators()
+    s = get_scorer(scorer).score(capture)
+    n_layers, hkv, n, _ = capture.keys.shape
+    assert s.shape == (n_layers, hkv, n) and not torch.isnan(s).any()
+    b = Budget(ratio=0.5)
+    keep = allocate(s, b, allocator)
+    assert int(keep.sum()) == n_layers * hkv * b.per_head(n)
+    assert bool(keep[torch.isposinf(s)].all())  # protected entries kept

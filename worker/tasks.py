@@ -103,7 +103,7 @@ def calibrate_run(self, run_id: int) -> dict:
     except DBAPIError as exc:  # database unreachable: try again later, the run row is untouched or re-claimable
         if retries >= s.job_max_retries + 2:
             raise
-        raise self.retry(exc=exc, countdown=backoff_seconds(retries + 1, s.job_retry_backoff))
+        raise self.retry(exc=exc, countdown=backoff_seconds(retries + 1, s.job_retry_backoff)) from exc
     if out.status == "retry":
         raise self.retry(countdown=backoff_seconds(retries + 1, s.job_retry_backoff),
                          max_retries=s.job_max_retries + 2)

@@ -7,7 +7,7 @@ from the engine's prediction (``calib.calibration.calibrate.predict``: one prefi
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -50,7 +50,7 @@ def budget(
     = defaults.ALLOCATOR,
     tolerance: Annotated[float, typer.Option(help="Fidelity tolerance τ of the recommended ratio.")]
     = defaults.TOLERANCE,
-    predictor: Annotated[Optional[Path], typer.Option(
+    predictor: Annotated[Path | None, typer.Option(
         help="Trained predictor (folder or file from `kvcalib fit`); default: the one shipped for the model when it "
              "fits the method, allocator and τ, else the fallback r = 1 − τ.")]
     = None,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.table import Table
@@ -57,15 +57,15 @@ def calibrate_cmd(
     method: Annotated[str, typer.Option("--method", "-m", help="Scoring method.")] = defaults.METHOD,
     allocator: Annotated[str, typer.Option("--allocator", "-a", help="Budget allocator.")] = defaults.ALLOCATOR,
     tolerance: Annotated[float, typer.Option(help="Fidelity threshold τ for r*.")] = defaults.TOLERANCE,
-    ratios: Annotated[Optional[str], typer.Option(help="Comma-separated ratio grid (default 0.1..0.9,0.95).")] = None,
-    limit: Annotated[Optional[int], typer.Option(help="Calibrate at most this many documents.")] = None,
+    ratios: Annotated[str | None, typer.Option(help="Comma-separated ratio grid (default 0.1..0.9,0.95).")] = None,
+    limit: Annotated[int | None, typer.Option(help="Calibrate at most this many documents.")] = None,
     min_tokens: Annotated[int, typer.Option(help="Smallest document (tokens) after chunking.")] = 1000,
     max_tokens: Annotated[int, typer.Option(help="Largest document (tokens) after chunking.")] = 3000,
-    n_probes: Annotated[Optional[int], typer.Option(help="Reconstruction probes per document.")] = None,
-    probe_tokens: Annotated[Optional[int], typer.Option(help="Scored tokens per probe.")] = None,
-    cue_tokens: Annotated[Optional[int], typer.Option(help="Cue tokens per probe.")] = None,
+    n_probes: Annotated[int | None, typer.Option(help="Reconstruction probes per document.")] = None,
+    probe_tokens: Annotated[int | None, typer.Option(help="Scored tokens per probe.")] = None,
+    cue_tokens: Annotated[int | None, typer.Option(help="Cue tokens per probe.")] = None,
     seed: Annotated[int, typer.Option(help="Probe span seed.")] = 0,
-    shuffle: Annotated[Optional[int], typer.Option(help="Shuffle the documents with this seed before --limit.")]
+    shuffle: Annotated[int | None, typer.Option(help="Shuffle the documents with this seed before --limit.")]
     = None,
     model: Annotated[str, typer.Option(help="Registry name or local HF model folder.")] = defaults.MODEL,
     dtype: DtypeOpt = "fp32",
@@ -211,7 +211,7 @@ def _fit_truth(labels: Path, out: Path, alpha: float, epsilon: float, seed: int,
 def evaluate_cmd(
     labels: Annotated[Path, typer.Argument(help="Label file written by `kvcalib calibrate`.")],
     predictor: Annotated[Path, typer.Option("--predictor", "-p", help="Predictor folder (or one .json file).")],
-    alpha: Annotated[Optional[float], typer.Option(
+    alpha: Annotated[float | None, typer.Option(
         help="Target violation rate; conformal predictors are re-calibrated to it when their calibration split "
              "is in LABELS.")] = None,
     out_dir: Annotated[Path, typer.Option(help="Where the JSON report and PNG go.")] = Path("results/calibration_eval"),

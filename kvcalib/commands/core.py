@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.table import Table
@@ -28,8 +28,8 @@ from kvcalib.commands.common import (
 eval_app = typer.Typer(no_args_is_help=True, help="Evaluate methods on synthetic tasks.")
 
 MethodOpt = Annotated[str, typer.Option("--method", "-m", help="Scoring method (see `kvcalib methods`).")]
-RatioOpt = Annotated[Optional[float], typer.Option("--ratio", "-r", help="Compression ratio in [0, 1).")]
-TokensOpt = Annotated[Optional[int], typer.Option("--tokens", help="Absolute kept tokens per head instead.")]
+RatioOpt = Annotated[float | None, typer.Option("--ratio", "-r", help="Compression ratio in [0, 1).")]
+TokensOpt = Annotated[int | None, typer.Option("--tokens", help="Absolute kept tokens per head instead.")]
 AllocOpt = Annotated[str, typer.Option("--allocator", "-a", help="Budget allocator across heads/layers.")]
 ModelOpt = Annotated[str, typer.Option("--model", help="Registry name or local HF model folder.")]
 
@@ -62,9 +62,9 @@ def generate(
     dtype: DtypeOpt = "fp32",
     device: DeviceOpt = "cpu",
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 48,
-    decode_policy: Annotated[Optional[str], typer.Option(help="Generation-time cache policy, e.g. morphkv.")] = None,
-    decode_budget: Annotated[Optional[int], typer.Option(help="Cache size C of the decode policy.")] = None,
-    decode_recent: Annotated[Optional[int], typer.Option(help="Recent window R of the decode policy.")] = None,
+    decode_policy: Annotated[str | None, typer.Option(help="Generation-time cache policy, e.g. morphkv.")] = None,
+    decode_budget: Annotated[int | None, typer.Option(help="Cache size C of the decode policy.")] = None,
+    decode_recent: Annotated[int | None, typer.Option(help="Recent window R of the decode policy.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON report.")] = False,
 ):
     """Compress CONTEXT's KV cache with METHOD at RATIO and answer QUESTION from the compressed cache."""

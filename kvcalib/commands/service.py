@@ -10,7 +10,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -49,12 +49,12 @@ def _redact(url: str) -> str:
 
 @friendly_errors
 def serve(
-    host: Annotated[Optional[str], typer.Option(help="Bind address (KVCALIB_HOST).")] = None,
-    port: Annotated[Optional[int], typer.Option(help="Port (KVCALIB_PORT).")] = None,
-    database_url: Annotated[Optional[str], typer.Option(help="SQLAlchemy URL (KVCALIB_DATABASE_URL).")] = None,
-    broker_url: Annotated[Optional[str], typer.Option(help="Celery broker (KVCALIB_BROKER_URL); none = "
+    host: Annotated[str | None, typer.Option(help="Bind address (KVCALIB_HOST).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (KVCALIB_PORT).")] = None,
+    database_url: Annotated[str | None, typer.Option(help="SQLAlchemy URL (KVCALIB_DATABASE_URL).")] = None,
+    broker_url: Annotated[str | None, typer.Option(help="Celery broker (KVCALIB_BROKER_URL); none = "
                                                            "in-process jobs.")] = None,
-    log_level: Annotated[Optional[str], typer.Option(help="uvicorn log level.")] = None,
+    log_level: Annotated[str | None, typer.Option(help="uvicorn log level.")] = None,
 ):
     """Run the HTTP API (uvicorn). Nothing configured = SQLite + in-process execution (the embedded default)."""
     import uvicorn
@@ -75,13 +75,13 @@ def serve(
 
 @friendly_errors
 def worker(
-    queues: Annotated[Optional[str], typer.Option(help="Comma-separated queues (default: KVCALIB_QUEUE, or the GPU "
+    queues: Annotated[str | None, typer.Option(help="Comma-separated queues (default: KVCALIB_QUEUE, or the GPU "
                                                        "queue with --gpu).")] = None,
     gpu: Annotated[bool, typer.Option(help="Consume the GPU queue and load the model on CUDA.")] = False,
     pool: Annotated[str, typer.Option(help="Celery pool: solo, prefork or threads.")] = "solo",
     concurrency: Annotated[int, typer.Option(help="Worker processes/threads (1 per model copy).")] = 1,
     loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
-    hostname: Annotated[Optional[str], typer.Option(help="Celery node name.")] = None,
+    hostname: Annotated[str | None, typer.Option(help="Celery node name.")] = None,
 ):
     """Run a Celery worker for the configured broker (KVCALIB_BROKER_URL)."""
     from kvcalib.settings import get_settings
@@ -109,7 +109,7 @@ def worker(
 @db_app.command("upgrade")
 @friendly_errors
 def db_upgrade(
-    database_url: Annotated[Optional[str], typer.Option(help="Default: KVCALIB_DATABASE_URL / embedded SQLite.")]
+    database_url: Annotated[str | None, typer.Option(help="Default: KVCALIB_DATABASE_URL / embedded SQLite.")]
     = None,
     revision: Annotated[str, typer.Option(help="Target revision.")] = "head",
 ):
@@ -124,7 +124,7 @@ def db_upgrade(
 @db_app.command("current")
 @friendly_errors
 def db_current(
-    database_url: Annotated[Optional[str], typer.Option(help="Default: KVCALIB_DATABASE_URL.")] = None,
+    database_url: Annotated[str | None, typer.Option(help="Default: KVCALIB_DATABASE_URL.")] = None,
 ):
     """Print the schema revision of the database and the head revision."""
     from kvcalib.service.db import Database, current_revision, head_revision
@@ -159,16 +159,16 @@ def read_corpus(path: Path) -> list[dict]:
 @_unavailable_is_error
 def batch(
     corpus: Annotated[Path, typer.Argument(help="Folder of .txt files, or a JSONL file ({\"text\": …} per line).")],
-    api: Annotated[Optional[str], typer.Option(help="Submit to this API (e.g. http://127.0.0.1:8000); default: "
+    api: Annotated[str | None, typer.Option(help="Submit to this API (e.g. http://127.0.0.1:8000); default: "
                                                     "directly to the configured database/broker.")] = None,
-    token: Annotated[Optional[str], typer.Option(envvar="KVCALIB_API_TOKEN", help="Bearer token of the API.")]
+    token: Annotated[str | None, typer.Option(envvar="KVCALIB_API_TOKEN", help="Bearer token of the API.")]
     = None,
-    model: Annotated[Optional[str], typer.Option(help="Registry model.")] = None,
-    method: Annotated[Optional[str], typer.Option(help="Scoring method.")] = None,
-    allocator: Annotated[Optional[str], typer.Option(help="Budget allocator.")] = None,
-    tolerance: Annotated[Optional[float], typer.Option(help="Fidelity tolerance τ.")] = None,
-    ratios: Annotated[Optional[str], typer.Option(help="Comma-separated ratio grid, e.g. 0.3,0.5,0.7.")] = None,
-    n_probes: Annotated[Optional[int], typer.Option(help="Probes per document.")] = None,
+    model: Annotated[str | None, typer.Option(help="Registry model.")] = None,
+    method: Annotated[str | None, typer.Option(help="Scoring method.")] = None,
+    allocator: Annotated[str | None, typer.Option(help="Budget allocator.")] = None,
+    tolerance: Annotated[float | None, typer.Option(help="Fidelity tolerance τ.")] = None,
+    ratios: Annotated[str | None, typer.Option(help="Comma-separated ratio grid, e.g. 0.3,0.5,0.7.")] = None,
+    n_probes: Annotated[int | None, typer.Option(help="Probes per document.")] = None,
     wait: Annotated[bool, typer.Option(help="Show progress until the batch is done.")] = True,
     poll: Annotated[float, typer.Option(help="Seconds between progress polls.")] = 1.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the final batch as JSON.")] = False,
@@ -240,8 +240,8 @@ def _batch_direct(docs, params, wait, poll, quiet) -> dict:
     s = get_settings()
     db = prepare(s.db_url, s.migrate_on_start)
     if s.embedded:
-        from kvcalib.service.runtime import get_engine
         from kvcalib.service.jobs import InProcessDispatcher
+        from kvcalib.service.runtime import get_engine
 
         dispatcher = InProcessDispatcher(db, lambda name: get_engine(name, s.worker_device), s.inprocess_workers,
                                          s.job_max_retries + 1, s.job_retry_backoff)

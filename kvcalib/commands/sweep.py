@@ -8,7 +8,7 @@ Celery workers when a broker is configured (``KVCALIB_BROKER_URL``) unless ``--i
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -16,15 +16,15 @@ from kvcalib.commands.common import console, emit_json, fail, friendly_errors
 
 sweep_app = typer.Typer(no_args_is_help=True, help="Optuna sweeps of a method's hyperparameters (see docs/sweeps.md).")
 
-StudyOpt = Annotated[Optional[str], typer.Option("--study", help="Full study name (overrides the derived "
+StudyOpt = Annotated[str | None, typer.Option("--study", help="Full study name (overrides the derived "
                                                                  "kvcalib:<model>:<method>:<allocator>[:<suffix>]).")]
-SuffixOpt = Annotated[Optional[str], typer.Option("--suffix", help="Suffix of the derived study name.")]
-MethodOpt = Annotated[Optional[str], typer.Option("--method", "-m", help="Scoring method (default: "
+SuffixOpt = Annotated[str | None, typer.Option("--suffix", help="Suffix of the derived study name.")]
+MethodOpt = Annotated[str | None, typer.Option("--method", "-m", help="Scoring method (default: "
                                                                      "KVCALIB_DEFAULT_METHOD, compactor).")]
-AllocOpt = Annotated[Optional[str], typer.Option("--allocator", "-a", help="Allocator (default: "
+AllocOpt = Annotated[str | None, typer.Option("--allocator", "-a", help="Allocator (default: "
                                                                          "KVCALIB_DEFAULT_ALLOCATOR, adakv).")]
-ModelOpt = Annotated[Optional[str], typer.Option("--model", help="Registry model (default: KVCALIB_DEFAULT_MODEL).")]
-DbOpt = Annotated[Optional[str], typer.Option("--database-url", help="Storage (default KVCALIB_DATABASE_URL / the "
+ModelOpt = Annotated[str | None, typer.Option("--model", help="Registry model (default: KVCALIB_DEFAULT_MODEL).")]
+DbOpt = Annotated[str | None, typer.Option("--database-url", help="Storage (default KVCALIB_DATABASE_URL / the "
                                                                     "embedded SQLite file).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 
@@ -77,29 +77,29 @@ def run(
     method: MethodOpt = None,
     allocator: AllocOpt = None,
     trials: Annotated[int, typer.Option("--trials", "-n", min=0, help="Trials to add to the study.")] = 16,
-    corpus: Annotated[Optional[Path], typer.Option(help="Calibration corpus: JSONL of {id, text}, a folder of .txt, "
+    corpus: Annotated[Path | None, typer.Option(help="Calibration corpus: JSONL of {id, text}, a folder of .txt, "
                                                         "or one .txt, cut into --doc-tokens chunks. Default: the "
                                                         "essay corpus.")] = None,
     study: StudyOpt = None,
     suffix: SuffixOpt = None,
     model: ModelOpt = None,
-    ratios: Annotated[Optional[str], typer.Option(help="Ratio grid, e.g. 0.2,0.4,0.6,0.8 (default: calibration's "
+    ratios: Annotated[str | None, typer.Option(help="Ratio grid, e.g. 0.2,0.4,0.6,0.8 (default: calibration's "
                                                        "0.1,...,0.9,0.95).")] = None,
-    tolerance: Annotated[Optional[float], typer.Option(help="τ (default KVCALIB_DEFAULT_TOLERANCE).")] = None,
-    probes: Annotated[Optional[int], typer.Option(help="Calibration probes per document (default 4).")] = None,
-    holdout_probes: Annotated[Optional[int], typer.Option(help="Held-out probes re-checking r* (default 2).")] = None,
-    probe_tokens: Annotated[Optional[int], typer.Option(help="Target tokens per probe (default 12).")] = None,
-    cue_tokens: Annotated[Optional[int], typer.Option(help="Cue tokens per probe (default 8).")] = None,
+    tolerance: Annotated[float | None, typer.Option(help="τ (default KVCALIB_DEFAULT_TOLERANCE).")] = None,
+    probes: Annotated[int | None, typer.Option(help="Calibration probes per document (default 4).")] = None,
+    holdout_probes: Annotated[int | None, typer.Option(help="Held-out probes re-checking r* (default 2).")] = None,
+    probe_tokens: Annotated[int | None, typer.Option(help="Target tokens per probe (default 12).")] = None,
+    cue_tokens: Annotated[int | None, typer.Option(help="Cue tokens per probe (default 8).")] = None,
     max_docs: Annotated[int, typer.Option(help="Documents taken from the corpus.")] = 8,
     doc_tokens: Annotated[str, typer.Option(help="MIN:MAX tokens of the documents cut from the corpus texts.")]
     = "256:512",
     population: Annotated[int, typer.Option(help="NSGA-II population size.")] = 16,
-    seed: Annotated[Optional[int], typer.Option(help="Probe seed (default 0).")] = None,
-    broker: Annotated[Optional[bool], typer.Option("--broker/--in-process", help="Run trials on the Celery workers "
+    seed: Annotated[int | None, typer.Option(help="Probe seed (default 0).")] = None,
+    broker: Annotated[bool | None, typer.Option("--broker/--in-process", help="Run trials on the Celery workers "
                                                    "(default when KVCALIB_BROKER_URL is set) or in this process.")]
     = None,
-    queue: Annotated[Optional[str], typer.Option(help="Celery queue (default KVCALIB_QUEUE).")] = None,
-    timeout: Annotated[Optional[float], typer.Option(help="Stop waiting for the workers after this many seconds "
+    queue: Annotated[str | None, typer.Option(help="Celery queue (default KVCALIB_QUEUE).")] = None,
+    timeout: Annotated[float | None, typer.Option(help="Stop waiting for the workers after this many seconds "
                                                           "(queued trials still run).")] = None,
     database_url: DbOpt = None,
     as_json: JsonOpt = False,
@@ -200,7 +200,7 @@ def _print_rows(rows: list[dict], title: str) -> None:
 @sweep_app.command("show")
 @friendly_errors
 def show(
-    study_arg: Annotated[Optional[str], typer.Argument(metavar="[STUDY]", help="Study name (or use --method/...).")]
+    study_arg: Annotated[str | None, typer.Argument(metavar="[STUDY]", help="Study name (or use --method/...).")]
     = None,
     method: MethodOpt = None,
     allocator: AllocOpt = None,
@@ -249,7 +249,7 @@ def list_(database_url: DbOpt = None, as_json: JsonOpt = False):
 @friendly_errors
 def promote(
     study_arg: Annotated[str, typer.Argument(metavar="STUDY", help="Study name.")],
-    trial: Annotated[Optional[int], typer.Option(help="Promote this trial (default: see --max-loss).")] = None,
+    trial: Annotated[int | None, typer.Option(help="Promote this trial (default: see --max-loss).")] = None,
     max_loss: Annotated[float, typer.Option(help="Pick the Pareto trial with the largest mean r* whose fidelity "
                                                  "loss is at most this (else the smallest loss).")] = 0.0,
     database_url: DbOpt = None,

@@ -38,8 +38,18 @@ if TYPE_CHECKING:
     from kvcalib.service.inputs import CalibrationParams, DocumentInput, decode_utf8, parse_jsonl, validate_text
     from kvcalib.service.predictions import FallbackPredictor, RatioPredictor
     from kvcalib.service.runtime import EngineLoader, ModelInfo
-    from kvcalib.service.views import (BatchItemView, BatchView, BudgetView, CompressedCache, CompressionInfo,
-                                       CurvePointView, JobView, ProfileSummary, ProfileView, Readiness)
+    from kvcalib.service.views import (
+        BatchItemView,
+        BatchView,
+        BudgetView,
+        CompressedCache,
+        CompressionInfo,
+        CurvePointView,
+        JobView,
+        ProfileSummary,
+        ProfileView,
+        Readiness,
+    )
 
 
 def __getattr__(name: str) -> Any:

@@ -31,8 +31,15 @@ from kvcalib.service.queries import Histogram, StoreReader, profile_histograms
 from kvcalib.service.runtime import EngineLoader
 from kvcalib.service.submission import Submitter
 from kvcalib.service.validation import RequestValidator
-from kvcalib.service.views import (BatchView, BudgetView, CompressedCache, DocumentDeletion, JobView, ProfileView,
-                                   Readiness)
+from kvcalib.service.views import (
+    BatchView,
+    BudgetView,
+    CompressedCache,
+    DocumentDeletion,
+    JobView,
+    ProfileView,
+    Readiness,
+)
 
 if TYPE_CHECKING:
     from kvcalib.settings import Settings

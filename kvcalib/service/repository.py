@@ -14,8 +14,18 @@ from typing import Any, Protocol
 from sqlalchemy import Connection, func, select, update
 from sqlalchemy.orm import Session
 
-from kvcalib.service.orm import (Batch, BatchItem, CalibrationRun, CurvePoint, Document, Model, Predictor, Profile,
-                                 RunStatus, utcnow)
+from kvcalib.service.orm import (
+    Batch,
+    BatchItem,
+    CalibrationRun,
+    CurvePoint,
+    Document,
+    Model,
+    Predictor,
+    Profile,
+    RunStatus,
+    utcnow,
+)
 from kvcalib.service.views import BudgetView
 
 TOLERANCE_EPS = 1e-6

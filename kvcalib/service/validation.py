@@ -14,8 +14,15 @@ from kvcalib.calib.data.documents import content_hash
 from kvcalib.calib.errors import KvcalibError
 from kvcalib.service import repository as repo
 from kvcalib.service.errors import NotFoundError, ServiceInputError, TooLargeError
-from kvcalib.service.inputs import (MAX_SOURCE_CHARS, CalibrationParams, DocumentInput, check_document_hash,
-                                    check_document_id, check_string, validate_text)
+from kvcalib.service.inputs import (
+    MAX_SOURCE_CHARS,
+    CalibrationParams,
+    DocumentInput,
+    check_document_hash,
+    check_document_id,
+    check_string,
+    validate_text,
+)
 from kvcalib.service.orm import Document
 from kvcalib.service.runtime import ModelInfo, check_model_name
 

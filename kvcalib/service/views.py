@@ -34,15 +34,11 @@ class ProfileSummary:
 
 
 @dataclass(frozen=True)
-class JobView:
-    """A calibration run seen as a job: status, progress and, once succeeded, its profile."""
+class CalibrationKey:
+    """Fields of jobs and profiles alike: what was calibrated (document, model, parameters). Listed as the first
+    base (``JobView(CalibrationKey, _JobHead)``): dataclass fields are collected from the last base to the class
+    itself, so they follow the head's fields, as in the JSON."""
 
-    id: int
-    status: str  # RunStatus value
-    progress: float
-    message: str | None
-    error: str | None
-    attempts: int
     document_id: int
     document_hash: str
     model: str
@@ -50,6 +46,22 @@ class JobView:
     method: str
     allocator: str
     tolerance: float
+
+
+@dataclass(frozen=True)
+class _JobHead:
+    id: int
+    status: str  # RunStatus value
+    progress: float
+    message: str | None
+    error: str | None
+    attempts: int
+
+
+@dataclass(frozen=True)
+class JobView(CalibrationKey, _JobHead):
+    """A calibration run seen as a job: status, progress and, once succeeded, its profile."""
+
     params_hash: str
     params: dict[str, Any]
     created_at: dt.datetime
@@ -128,18 +140,15 @@ class CurvePointView:
 
 
 @dataclass(frozen=True)
-class ProfileView:
-    """A stored profile: r* at τ, the budgets that realise it, the document's features and the fidelity curve."""
-
+class _ProfileHead:
     id: int
     job_id: int
-    document_id: int
-    document_hash: str
-    model: str
-    model_revision: str
-    method: str
-    allocator: str
-    tolerance: float
+
+
+@dataclass(frozen=True)
+class ProfileView(CalibrationKey, _ProfileHead):
+    """A stored profile: r* at τ, the budgets that realise it, the document's features and the fidelity curve."""
+
     r_star: float
     token_budget: int
     context_tokens: int

@@ -12,38 +12,15 @@ import sys
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.support import FAST_OPTIONS, short_documents, wait_for
+from tests.support import FAST_OPTIONS, RecordingDispatcher, isolated_settings, short_documents, wait_for
 
 pytestmark = pytest.mark.slow
-
-
-def settings_for(data_dir, **overrides):
-    from kvcalib.settings import Settings
-
-    saved = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith("KVCALIB_") and k != "KVCALIB_CACHE_DIR"}
-    try:
-        return Settings(_env_file=None, data_dir=data_dir, **overrides)
-    finally:
-        os.environ.update(saved)
-
-
-class Recording:
-    kind = "in-process"
-
-    def check(self):
-        pass
-
-    def submit(self, run_id):
-        return f"recorded-{run_id}"
-
-    def close(self, wait=False):
-        pass
 
 
 def recording_app(data_dir, **overrides):
     from kvcalib.api.app import create_app
 
-    return create_app(settings_for(data_dir, **overrides), dispatcher=Recording(), resume=False)
+    return create_app(isolated_settings(data_dir, **overrides), dispatcher=RecordingDispatcher(), resume=False)
 
 
 # ---------------------------------------------------------------------------------------------------- item 9
@@ -54,7 +31,7 @@ def test_blank_token_refuses_to_start(tmp_path, var):
 
     for blank in ("", "   "):
         with pytest.raises(KvcalibError, match=f"KVCALIB_{var.upper()} is set but blank"):
-            create_app(settings_for(tmp_path, **{var: blank}), dispatcher=Recording(), resume=False)
+            create_app(isolated_settings(tmp_path, **{var: blank}), dispatcher=RecordingDispatcher(), resume=False)
 
 
 def test_serve_refuses_a_blank_token_with_a_clear_message(tmp_path, monkeypatch):
@@ -100,7 +77,7 @@ def test_delete_document_removes_text_profiles_and_runs_hash_only_mode(tmp_path,
     from kvcalib.service import repository as repo
 
     texts = short_documents(tokenizer, 2, 100, 150)
-    app = create_app(settings_for(tmp_path, store_document_text=False))
+    app = create_app(isolated_settings(tmp_path, store_document_text=False))
     with TestClient(app) as c:
         db = app.state.service.db
         r = c.post("/calibrate", json={"mode": "full", "text": texts[0], "options": FAST_OPTIONS})

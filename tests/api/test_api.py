@@ -5,24 +5,13 @@ predict, batches, restart resume, input errors, the bearer token."""
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.support import FAST_OPTIONS, short_documents, wait_for
+from tests.support import FAST_OPTIONS, isolated_settings, short_documents, wait_for
 
 pytestmark = pytest.mark.slow
-
-
-def embedded_settings(data_dir, **overrides):
-    from kvcalib.settings import Settings
-
-    saved = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith("KVCALIB_") and k != "KVCALIB_CACHE_DIR"}
-    try:
-        return Settings(data_dir=data_dir, _env_file=None, **overrides)
-    finally:
-        os.environ.update(saved)
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +24,7 @@ def embedded(tmp_path_factory, engine):
     from kvcalib.api.app import create_app
 
     data_dir = tmp_path_factory.mktemp("embedded")
-    s = embedded_settings(data_dir)
+    s = isolated_settings(data_dir)
     app = create_app(s)
     with TestClient(app) as client:
         client.settings = s
@@ -106,7 +95,7 @@ def test_finished_document_is_answered_while_the_broker_is_down(embedded, docs):
     from kvcalib.service import repository as repo
     from tests.support import DOWN_REDIS
 
-    s = embedded_settings(embedded.settings.data_dir, broker_url=DOWN_REDIS,
+    s = isolated_settings(embedded.settings.data_dir, broker_url=DOWN_REDIS,
                           database_url=embedded.settings.db_url)
     with TestClient(create_app(s, resume=False)) as down:
         done = embedded.get("/jobs/1").json()
@@ -126,8 +115,8 @@ def test_finished_document_is_answered_while_the_broker_is_down(embedded, docs):
 
 
 def test_compress_download_loads_back(embedded, docs, engine):
-    from kvcalib.calib.data.documents import content_hash
     from kvcalib.calib.cache.export import load_compressed
+    from kvcalib.calib.data.documents import content_hash
 
     text = docs[0]  # calibrated by the previous test: the profile's budgets are used
     r = embedded.post("/calibrate", json={"mode": "compress", "text": text, "options": FAST_OPTIONS})
@@ -197,7 +186,7 @@ def test_unfinished_jobs_resume_after_restart(tmp_path, docs):
         def close(self, wait=False):
             pass
 
-    s = embedded_settings(tmp_path)
+    s = isolated_settings(tmp_path)
     with TestClient(create_app(s, dispatcher=Lost())) as c1:
         job = full(c1, docs[4]).json()
         assert job["status"] == "queued"
@@ -239,7 +228,7 @@ def test_input_errors_are_4xx_with_clear_messages(embedded):
 def test_bearer_token_protects_write_endpoints(tmp_path):
     from kvcalib.api.app import create_app
 
-    with TestClient(create_app(embedded_settings(tmp_path, api_token="s3cret"))) as c:
+    with TestClient(create_app(isolated_settings(tmp_path, api_token="s3cret"))) as c:
         body = {"text": "hello", "model": "nope"}
         assert c.post("/calibrate", json=body).status_code == 401
         assert c.post("/calibrate", json=body, headers={"Authorization": "Bearer wrong"}).status_code == 401
@@ -255,7 +244,7 @@ def test_configured_predictor_is_used_and_registered(tmp_path, docs):
     from kvcalib.api.app import create_app
     from kvcalib.calib.predictors import ParametricPredictor, save_predictors
 
-    s = embedded_settings(tmp_path / "data", predictor_path=tmp_path / "pred")
+    s = isolated_settings(tmp_path / "data", predictor_path=tmp_path / "pred")
     pred = ParametricPredictor(alpha=0.0, beta=3.0, tau=0.95)
     pred.training = {"config": {"method": "compactor", "allocator": s.default_allocator, "tolerance": 0.95}}
     save_predictors(tmp_path / "pred", {"parametric": pred})

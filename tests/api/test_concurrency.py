@@ -9,13 +9,10 @@ a shape but return wrong data, which the exact comparisons catch. Each phase run
 
 from __future__ import annotations
 
-import os
-import threading
-
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.support import FAST_OPTIONS, equal_length_documents, wait_for
+from tests.support import FAST_OPTIONS, equal_length_documents, isolated_settings, run_threads, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -25,14 +22,8 @@ FULL_TOLERANCE = 0.9  # the full job's profile must not feed the fallback predic
 
 def embedded_client(data_dir) -> TestClient:
     from kvcalib.api.app import create_app
-    from kvcalib.settings import Settings
 
-    saved = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith("KVCALIB_") and k != "KVCALIB_CACHE_DIR"}
-    try:
-        settings = Settings(data_dir=data_dir, _env_file=None)
-    finally:
-        os.environ.update(saved)
-    return TestClient(create_app(settings))
+    return TestClient(create_app(isolated_settings(data_dir)))
 
 
 @pytest.fixture(scope="module")
@@ -86,23 +77,7 @@ def test_concurrent_requests_equal_sequential_ones(tmp_path, requests_):
         sequential = [_outcome(client, body, client.post("/calibrate", json=body)) for body in requests_]
 
     with embedded_client(tmp_path / "concurrent") as client:
-        barrier = threading.Barrier(len(requests_))
-        responses: list = [None] * len(requests_)
-        errors: list[BaseException] = []
-
-        def send(i: int) -> None:
-            try:
-                barrier.wait(timeout=60)
-                responses[i] = client.post("/calibrate", json=requests_[i])
-            except BaseException as exc:  # noqa: BLE001 - re-raised below
-                errors.append(exc)
-
-        threads = [threading.Thread(target=send, args=(i,)) for i in range(len(requests_))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=600)
-        assert not errors, errors
+        responses = run_threads(lambda body: client.post("/calibrate", json=body), [(body,) for body in requests_])
         assert [r.status_code for r in responses] == [202] + [200] * (len(requests_) - 1), \
             [(r.status_code, r.text[:300]) for r in responses]
         concurrent = [_outcome(client, body, r) for body, r in zip(requests_, responses)]

@@ -20,7 +20,7 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.support import pg_url  # noqa: F401  (fixture)
+from tests.support import RecordingDispatcher, isolated_settings, pg_url  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.slow
 
@@ -174,29 +174,11 @@ def request_strategy(values: SchemaValues, method: str, path: str, op: dict) -> 
     return build()
 
 
-class Recording:
-    kind = "in-process"
-
-    def check(self):
-        pass
-
-    def submit(self, run_id):
-        return f"recorded-{run_id}"
-
-    def close(self, wait=False):
-        pass
-
-
 def hostile_app(data_dir, database_url: str | None = None):
     from kvcalib.api.app import create_app
-    from kvcalib.settings import Settings
 
-    saved = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith("KVCALIB_") and k != "KVCALIB_CACHE_DIR"}
-    try:
-        s = Settings(_env_file=None, data_dir=data_dir, database_url=database_url, max_document_tokens=48)
-    finally:
-        os.environ.update(saved)
-    return create_app(s, dispatcher=Recording(), resume=False)
+    s = isolated_settings(data_dir, database_url=database_url, max_document_tokens=48)
+    return create_app(s, dispatcher=RecordingDispatcher(), resume=False)
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])

@@ -6,13 +6,14 @@ refused up front. The real model answers the synchronous requests."""
 from __future__ import annotations
 
 import asyncio
-import os
 import threading
 import time
 
 import httpx
 import pytest
 from fastapi.testclient import TestClient
+
+from tests.support import RecordingDispatcher, isolated_settings
 
 pytestmark = pytest.mark.slow
 
@@ -21,33 +22,10 @@ TEXT = ("The committee met on Tuesday to review the harbour plans. After a long 
         "agreed to build the new pier in two phases, starting with the northern section next spring.")
 
 
-class Recording:
-    kind = "in-process"
-
-    def __init__(self):
-        self.submitted: list[int] = []
-
-    def check(self):
-        pass
-
-    def submit(self, run_id):
-        self.submitted.append(run_id)
-        return f"recorded-{run_id}"
-
-    def close(self, wait=False):
-        pass
-
-
 def make_app(data_dir, **overrides):
     from kvcalib.api.app import create_app
-    from kvcalib.settings import Settings
 
-    saved = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith("KVCALIB_") and k != "KVCALIB_CACHE_DIR"}
-    try:
-        s = Settings(_env_file=None, data_dir=data_dir, **overrides)
-    finally:
-        os.environ.update(saved)
-    return create_app(s, dispatcher=Recording(), resume=False)
+    return create_app(isolated_settings(data_dir, **overrides), dispatcher=RecordingDispatcher(), resume=False)
 
 
 def stream(app, method: str, path: str, n_chunks: int, chunk: int = 16 * 1024, headers: dict | None = None,

@@ -11,36 +11,16 @@ import schemathesis
 from hypothesis import HealthCheck, Phase, settings
 from schemathesis.checks import not_a_server_error
 
+from tests.support import RecordingDispatcher, isolated_settings
+
 MAX_EXAMPLES = int(os.environ.get("KVCALIB_SCHEMATHESIS_EXAMPLES", "12"))
-
-
-class RecordingDispatcher:
-    kind = "in-process"
-
-    def __init__(self):
-        self.submitted: list[int] = []
-
-    def check(self):
-        pass
-
-    def submit(self, run_id):
-        self.submitted.append(run_id)
-        return f"recorded-{run_id}"
-
-    def close(self, wait=False):
-        pass
 
 
 @pytest.fixture(scope="module")
 def api_schema(tmp_path_factory, engine):
     from kvcalib.api.app import create_app
-    from kvcalib.settings import Settings
 
-    saved = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith("KVCALIB_") and k != "KVCALIB_CACHE_DIR"}
-    try:
-        s = Settings(_env_file=None, data_dir=tmp_path_factory.mktemp("schemathesis"), max_document_tokens=48)
-    finally:
-        os.environ.update(saved)
+    s = isolated_settings(tmp_path_factory.mktemp("schemathesis"), max_document_tokens=48)
     app = create_app(s, dispatcher=RecordingDispatcher())
     return schemathesis.openapi.from_asgi("/openapi.json", app)
 

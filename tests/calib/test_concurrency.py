@@ -9,7 +9,6 @@ recorder active, and a forward outside a capture records nothing.
 
 from __future__ import annotations
 
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -19,34 +18,10 @@ from kvcalib.calib.budget import Budget
 from kvcalib.calib.cache.morphkv import MorphKV
 from kvcalib.calib.cache.ragged import RaggedKVCache
 from kvcalib.calib.calibration.calibrate import CalibrationConfig, calibrate, context_ids
-from tests.support import equal_length_documents
+from tests.support import equal_length_documents, run_threads
 
 N_THREADS = 8
 TOKENS = 224  # context tokens of every document (chat header + document)
-
-
-def run_threads(fn, args: list[tuple]) -> list:
-    """``fn(*a)`` for every ``a`` on its own plain thread, all released together; results in order, errors raised."""
-    barrier = threading.Barrier(len(args))
-    results: list = [None] * len(args)
-    errors: list[BaseException] = []
-
-    def target(i: int) -> None:
-        try:
-            barrier.wait(timeout=60)
-            results[i] = fn(*args[i])
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the test thread
-            errors.append(exc)
-
-    threads = [threading.Thread(target=target, args=(i,)) for i in range(len(args))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=600)
-    if errors:
-        raise errors[0]
-    assert not any(t.is_alive() for t in threads), "a thread did not finish"
-    return results
 
 
 def forward_hook_count(model: torch.nn.Module) -> int:

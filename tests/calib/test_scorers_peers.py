@@ -8,9 +8,10 @@ import math
 import pytest
 import torch
 
-from kvcalib.calib.budget import Budget, allocate, available_allocators
+from kvcalib.calib.budget import Budget
 from kvcalib.calib.capture import Capture
 from kvcalib.calib.scorers import SCORERS, get_scorer
+from tests.support import assert_feeds_allocator
 
 INF = float("inf")
 
@@ -87,14 +88,7 @@ def test_registered_and_parameter_free():
 @pytest.mark.parametrize("name", ["tova", "keydiff"])
 @pytest.mark.parametrize("allocator", ["uniform", "adakv", "lava"])
 def test_peers_feed_every_allocator(short_capture, name, allocator):
-    assert allocator in available_allocators()
-    s = get_scorer(name).score(short_capture)
-    n_layers, hkv, n, _ = short_capture.keys.shape
-    assert s.shape == (n_layers, hkv, n) and not torch.isnan(s).any()
-    b = Budget(ratio=0.5)
-    keep = allocate(s, b, allocator)
-    assert int(keep.sum()) == n_layers * hkv * b.per_head(n)
-    assert bool(keep[torch.isposinf(s)].all())
+    assert_feeds_allocator(short_capture, name, allocator)
 
 
 @pytest.mark.parametrize("name", ["tova", "keydiff"])

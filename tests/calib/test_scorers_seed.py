@@ -12,10 +12,11 @@ import math
 import pytest
 import torch
 
-from kvcalib.calib.budget import Budget, allocate, available_allocators
+from kvcalib.calib.budget import Budget, allocate
 from kvcalib.calib.capture import Capture
 from kvcalib.calib.errors import KvcalibError
 from kvcalib.calib.scorers import SCORERS, ScoreContext, get_scorer
+from tests.support import assert_feeds_allocator
 
 HKV, GROUP, DIM = 2, 3, 8
 INF = float("inf")
@@ -218,14 +219,7 @@ def test_new_methods_registered_with_published_defaults():
 @pytest.mark.parametrize("name", ["curdkv", "obcache", "lava"])
 @pytest.mark.parametrize("allocator", ["uniform", "adakv", "lava"])
 def test_new_scores_feed_every_allocator(short_capture, name, allocator):
-    assert allocator in available_allocators()
-    s = get_scorer(name).score(short_capture)
-    n_layers, hkv, n, _ = short_capture.keys.shape
-    assert s.shape == (n_layers, hkv, n) and not torch.isnan(s).any()
-    b = Budget(ratio=0.5)
-    keep = allocate(s, b, allocator)
-    assert int(keep.sum()) == n_layers * hkv * b.per_head(n)
-    assert bool(keep[torch.isposinf(s)].all())  # protected entries kept
+    assert_feeds_allocator(short_capture, name, allocator)
 
 
 # ---------------------------------------------------------------------------------------------- Lookahead Q-Cache

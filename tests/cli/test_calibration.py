@@ -22,7 +22,7 @@ def corpus(tmp_path_factory):
     d = tmp_path_factory.mktemp("corpus")
     path = d / "docs.jsonl"
     with path.open("w", encoding="utf-8") as fh:
-        for i, f in enumerate(sorted(PACKAGE_DATA.glob("*.txt"))):
+        for f in sorted(PACKAGE_DATA.glob("*.txt")):
             lines = [ln for ln in f.read_text(encoding="utf-8").splitlines() if ln.strip()]
             fh.write(json.dumps({"id": f"{f.stem}", "text": "\n".join(lines[:12])}) + "\n")
             fh.write(json.dumps({"id": f"{f.stem}-b", "text": "\n".join(lines[12:24])}) + "\n")

@@ -45,8 +45,8 @@ def hf_logits(hf_model, dyn, next_position, question):
 
 def test_compressed_response_as_dynamic_cache(engine, hf_model, setup):
     from kvcalib.calib.budget import Budget, allocate
-    from kvcalib.calib.cache.ragged import RaggedKVCache
     from kvcalib.calib.cache.export import cache_to_safetensors, load_compressed
+    from kvcalib.calib.cache.ragged import RaggedKVCache
     from kvcalib.client import to_dynamic_cache
 
     cap, scores, question = setup

@@ -14,7 +14,6 @@ Faults are injected around the model (a loader that raises before handing the re
 from __future__ import annotations
 
 import datetime as dt
-import os
 import threading
 import time
 
@@ -26,22 +25,9 @@ from kvcalib.service.jobs import InProcessDispatcher, execute_run
 from kvcalib.service.leases import Heartbeat, LeasePolicy, claim, new_owner
 from kvcalib.service.orm import utcnow
 from kvcalib.service.sweeper import Sweeper
-
-from tests.support import clean_pg, pg_url, short_documents, wait_for  # noqa: F401  (fixtures)
+from tests.support import clean_pg, isolated_settings, pg_url, short_documents, wait_for  # noqa: F401  (fixtures)
 
 TINY = {"ratios": [0.5], "n_probes": 1}  # one ratio, one probe: the cheapest real calibration
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.service)])
-def db(request, tmp_path):
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'jobs.db'}"
-        upgrade(url)
-    else:
-        url = request.getfixturevalue("clean_pg")
-    d = Database(url)
-    yield d
-    d.dispose()
 
 
 @pytest.fixture(scope="module")
@@ -267,7 +253,7 @@ def test_embedded_sweeper_finishes_a_dead_process_run(tmp_path, engine, texts):
 
     from kvcalib.api.app import create_app
 
-    s = embedded_settings(tmp_path, job_lease_seconds=2.0, job_sweep_interval=0.5, job_dispatch_grace=1.0)
+    s = isolated_settings(tmp_path, job_lease_seconds=2.0, job_sweep_interval=0.5, job_dispatch_grace=1.0)
     db = Database(s.db_url)
     upgrade(db.url)
     run_id = seed(db, texts[5], engine.lm.spec.revision)
@@ -283,16 +269,6 @@ def test_embedded_sweeper_finishes_a_dead_process_run(tmp_path, engine, texts):
 
 
 # ---------------------------------------------------------------------------------------------------- item 7
-def embedded_settings(data_dir, **overrides):
-    from kvcalib.settings import Settings
-
-    saved = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith("KVCALIB_") and k != "KVCALIB_CACHE_DIR"}
-    try:
-        return Settings(data_dir=data_dir, _env_file=None, **overrides)
-    finally:
-        os.environ.update(saved)
-
-
 def test_batch_document_cap(tmp_path, texts):
     import json
 
@@ -303,7 +279,7 @@ def test_batch_document_cap(tmp_path, texts):
 
     assert Settings.model_fields["max_batch_documents"].default == 1000
     executor = Recorder(held=set())
-    s = embedded_settings(tmp_path, max_batch_documents=3)
+    s = isolated_settings(tmp_path, max_batch_documents=3)
     docs = texts[:4]
     with TestClient(create_app(s, dispatcher=executor, resume=False)) as client:
         r = client.post("/batches", json={"documents": docs})

@@ -12,7 +12,6 @@ import torch
 from kvcalib.service import ServiceInputError, TooLargeError, parse_jsonl, validate_text
 from kvcalib.service import repository as repo
 from kvcalib.service.db import Database, SchemaError, check_schema, current_revision, head_revision, upgrade
-
 from tests.support import clean_pg, pg_url  # noqa: F401  (fixtures)
 
 
@@ -92,18 +91,6 @@ def test_postgres_migrations_match_models(pg_url):  # noqa: F811
 
 
 # ---------------------------------------------------------------------------------------------------- idempotency
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.service)])
-def db(request, tmp_path):
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 's.db'}"
-        upgrade(url)
-    else:
-        url = request.getfixturevalue("clean_pg")
-    d = Database(url)
-    yield d
-    d.dispose()
-
-
 def test_documents_runs_and_profiles_are_written_once(db):
     run_id, created = seeded_run(db)
     again, created2 = seeded_run(db)

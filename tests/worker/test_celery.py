@@ -16,8 +16,17 @@ import pytest
 import sqlalchemy as sa
 from fastapi.testclient import TestClient
 
-from tests.support import (DOWN_REDIS, FAST_OPTIONS, pg_url, queue_name, redis_url,  # noqa: F401
-                             service_env, short_documents, wait_for, worker_pool)
+from tests.support import (  # noqa: F401
+    DOWN_REDIS,
+    FAST_OPTIONS,
+    pg_url,
+    queue_name,
+    redis_url,
+    service_env,
+    short_documents,
+    wait_for,
+    worker_pool,
+)
 
 pytestmark = [pytest.mark.service, pytest.mark.slow]
 
