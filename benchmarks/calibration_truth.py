@@ -19,7 +19,8 @@ genre, evaluate on another (held out), check passkey at the recommended ratios.
 Genres: ``essays`` — the essay corpus (``calib.data.documents``); ``metadata`` — the long descriptions of the
 installed packages' METADATA files (technical documentation prose: READMEs, changelogs, usage), a genre that plays
 no part in any choice (labelled only for the final evaluation); ``corpus`` — one's own texts (``--corpus PATH``),
-to fit one's own predictor (``kvcalib fit LABELS --out predictors/``). Documents are cut at line boundaries, each text at
+to fit one's own predictor (``kvcalib fit LABELS --out predictors/``). Documents are cut at line boundaries, each
+text at
 a seeded random length in min..max tokens (at most ``--per-source`` pieces per essay / package); splits are by
 source. Every document gets needles, a key–value block, a multi-needle and document questions
 (``calib.data.questions``, seed from the document id).
@@ -119,7 +120,7 @@ def label(args) -> None:
     try:
         qcfg = QuestionConfig(*(int(x) for x in args.questions.split(","))).validate()
     except (TypeError, ValueError) as exc:
-        raise SystemExit(f"--questions must be four integers n_needles,kv_pairs,multi_values,doc_questions: {exc}")
+        raise SystemExit(f"--questions must be four integers n_needles,kv_pairs,multi_values,doc_questions: {exc}") from None
     docs = documents(eng.tokenizer, args.genre, args.n_docs, args.min_tokens, args.max_tokens, args.seed,
                      args.per_source, args.corpus)
     todo = [(i, t) for i, t in docs if i not in done]

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from kvcalib.calib.errors import KvcalibError
 from kvcalib.calib.cache.decode import DecodePolicy
 from kvcalib.calib.cache.morphkv import MorphKV
+from kvcalib.calib.errors import KvcalibError
 
 DECODE_POLICIES: dict[str, Callable[..., DecodePolicy]] = {"morphkv": MorphKV}
 

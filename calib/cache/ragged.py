@@ -61,7 +61,7 @@ class RaggedKVCache:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_full(cls, keys: torch.Tensor, values: torch.Tensor, batch: int = 1) -> "RaggedKVCache":
+    def from_full(cls, keys: torch.Tensor, values: torch.Tensor, batch: int = 1) -> RaggedKVCache:
         """A cache holding every position. ``keys``/``values``: (L, Hkv, N, d)."""
         n_layers, hkv, n, _ = keys.shape
         pos = torch.arange(n, device=keys.device).expand(batch, hkv, n)
@@ -73,7 +73,7 @@ class RaggedKVCache:
         return cls(layers=layers, next_position=n)
 
     @classmethod
-    def from_mask(cls, keys: torch.Tensor, values: torch.Tensor, keep: torch.Tensor) -> "RaggedKVCache":
+    def from_mask(cls, keys: torch.Tensor, values: torch.Tensor, keep: torch.Tensor) -> RaggedKVCache:
         """Physically compress: keep ``keep`` (L, Hkv, N) or (B, L, Hkv, N) positions of (L, Hkv, N, d) tensors."""
         if keep.dim() == 3:
             keep = keep.unsqueeze(0)
@@ -100,7 +100,7 @@ class RaggedKVCache:
         return cls(layers=layers, next_position=n)
 
     @classmethod
-    def masked(cls, keys: torch.Tensor, values: torch.Tensor, keep: torch.Tensor) -> "RaggedKVCache":
+    def masked(cls, keys: torch.Tensor, values: torch.Tensor, keep: torch.Tensor) -> RaggedKVCache:
         """A B-row cache over shared full ``keys``/``values`` (L, Hkv, N, d): row b sees only the positions of
         ``keep[b]`` ((B, L, Hkv, N) bool, or (L, Hkv, N) for one row). No K/V is copied (expanded views); attention
         results equal those of ``from_mask`` on the same masks (masked slots get zero weight)."""

@@ -24,13 +24,14 @@ import torch
 
 from kvcalib.calib import budget as budgets
 from kvcalib.calib import defaults
-from kvcalib.calib.capture import Capture
 from kvcalib.calib.calibration.curve import Curve, keep_masks, largest_safe_ratio, one_pass_curve
+from kvcalib.calib.calibration.features import context_features
+from kvcalib.calib.calibration.probes import SEPARATOR, Probe, reconstruction_probes
+from kvcalib.calib.calibration.probes import user_probes as make_user_probes
+from kvcalib.calib.calibration.protocols import CalibrationEngine, RatioPredictor
+from kvcalib.calib.capture import Capture
 from kvcalib.calib.data.documents import content_hash
 from kvcalib.calib.errors import KvcalibError
-from kvcalib.calib.calibration.features import context_features
-from kvcalib.calib.calibration.probes import Probe, SEPARATOR, reconstruction_probes, user_probes as make_user_probes
-from kvcalib.calib.calibration.protocols import CalibrationEngine, RatioPredictor
 
 Progress = Callable[[float, str], None]
 NLL_STRIDE = 8  # context NLL features from every 8th token: 1/8 of the LM-head cost (docs/calibration.md §8)
@@ -66,7 +67,7 @@ class CalibrationConfig:
         self.method_params = dict(self.method_params or {})
         self.allocator_params = dict(self.allocator_params or {})
 
-    def validate(self) -> "CalibrationConfig":
+    def validate(self) -> CalibrationConfig:
         from kvcalib.calib.scorers import available_methods, get_scorer
 
         if self.method not in available_methods(aliases=True):
@@ -104,7 +105,7 @@ class CalibrationConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "CalibrationConfig":
+    def from_dict(cls, d: dict) -> CalibrationConfig:
         if not isinstance(d, dict):
             raise CalibrationError(f"calibration config must be an object, got {type(d).__name__}")
         names = [f.name for f in fields(cls)]
@@ -190,7 +191,7 @@ class CalibrationResult:
         return json.loads(json.dumps(d))  # plain JSON types only
 
     @classmethod
-    def from_dict(cls, d: dict) -> "CalibrationResult":
+    def from_dict(cls, d: dict) -> CalibrationResult:
         if not isinstance(d, dict):
             raise CalibrationError(f"calibration result must be an object, got {type(d).__name__}")
         names = {f.name for f in fields(cls)}
@@ -224,7 +225,7 @@ def _capture_scores(engine: CalibrationEngine, ids: torch.Tensor, config: Calibr
     on the budget (e.g. lookahead): these scores (the grid's median ratio) serve the features and r*'s budgets; the
     keep mask of every grid ratio comes from its own scoring (``_per_ratio_keep``)."""
     from kvcalib.calib.calibration.features import feature_query_positions
-    from kvcalib.calib.scorers.streaming import engine_capture_and_score
+    from kvcalib.calib.calibration.scoring import engine_capture_and_score
 
     mid = budgets.Budget(ratio=config.ratios[len(config.ratios) // 2])
     out = engine_capture_and_score(engine, ids, engine.scorer(config.method, **config.method_params), mid,
@@ -317,10 +318,12 @@ def featurize(engine: CalibrationEngine, text: str,
     return feats, cap, scores
 
 
-def calibrate(engine: CalibrationEngine, text: str, config: CalibrationConfig = CalibrationConfig(),
+def calibrate(engine: CalibrationEngine, text: str, config: CalibrationConfig | None = None,
               progress: Progress | None = None, user_probes: list[tuple[str, str]] | None = None,
               doc_id: str | None = None) -> CalibrationResult:
-    """The quality curve of ``text`` over ``config.ratios`` and its largest safe ratio r*(τ), from one prefill."""
+    """The quality curve of ``text`` over ``config.ratios`` (default ``CalibrationConfig()``) and its largest safe
+    ratio r*(τ), from one prefill."""
+    config = config if config is not None else CalibrationConfig()
     progress = progress or _noop
     t_start = time.perf_counter()
     cap, doc_start, scores, keep, feats, timings = _prepare(engine, text, config, progress)

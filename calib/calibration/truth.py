@@ -6,7 +6,8 @@ come after the compressed context, so compression stays query-agnostic):
 
 1. the method scores the context once; the grid's keep masks are built as for calibration (``keep_masks``);
 2. every question is answered greedily with the **full** cache (``answers.decode_rows``, all questions in one
-   batch; a gold answer stops once its gold strings are out or its first sentence ended). A question *counts* when that answer is correct (every gold string in it) or, for a document question
+   batch; a gold answer stops once its gold strings are out or its first sentence ended). A question *counts*
+   when that answer is correct (every gold string in it) or, for a document question
    (no gold: the reference is the full-cache answer itself, Dutta et al.'s flips), when it is given consistently:
    non-empty, with a mean top-1 probability ≥ ``doc_min_confidence`` over its compared tokens (a coin-flip answer
    changes under any perturbation and says nothing about compression);
@@ -14,10 +15,12 @@ come after the compressed context, so compression stays query-agnostic):
    question — is teacher-forced under the grid's rows, ``STAGE_ROWS`` ratios at a time upwards, in one packed
    forward per stage for the answers not yet lost (``answers.teacher_forced``): the row reproduces it exactly iff
    its top-1 agrees at every token;
-4. a gold answer that is not reproduced exactly may still be right in other words: for every such question its
-   first failing ratio is decoded for real (``decode_failures``; all questions in one batch) and checked for the
-   gold strings — if right, its next failing ratio, and so on. A document question whose answer changed is lost
-   (a flip).
+4. an answer that is not reproduced exactly may still be right in other words: for every such question its
+   first failing ratio is decoded for real (``decode_failures``; all questions in one batch) and checked — for
+   the gold strings, or for a document question for agreement with the full-cache answer (SQuAD token F1 ≥
+   ``doc_min_f1`` over their first ``doc_answer_tokens`` tokens, articles and the question's own words left out:
+   a rewording is not a flip, a changed answer is) —
+   if it holds, its next failing ratio, and so on.
 
 An answer lost at a ratio counts as lost at every larger one (per-question monotone: decoding stops at the first
 real loss, and conformal risk control needs a loss non-increasing in the margin). L(r) = lost / counted at each
@@ -37,9 +40,8 @@ from kvcalib.calib import defaults
 from kvcalib.calib.calibration.answers import decode_rows, teacher_forced
 from kvcalib.calib.calibration.curve import keep_masks
 from kvcalib.calib.data.hashing import content_hash
-from kvcalib.calib.data.questions import Question, TruthDocument, normalize
+from kvcalib.calib.data.questions import ARTICLES, Question, TruthDocument, normalize, token_f1
 from kvcalib.calib.errors import KvcalibError
-
 
 STAGE_ROWS = 3  # grid rows teacher-forced per stage (an answer lost in a stage is not forced at larger ratios)
 
@@ -58,6 +60,7 @@ class TruthConfig:
     max_answer_tokens: int = 24  # full-cache answers are decoded up to this many tokens (gold found: stop)
     doc_answer_tokens: int = 12  # a document question's answer must survive over its first tokens
     doc_min_confidence: float = 0.5  # ... and counts only when the full cache gave it with this mean top-1 prob.
+    doc_min_f1: float = 0.5  # a reworded document answer still agrees at this token F1 with the full one (> 1: exact)
     decode_failures: bool = True  # re-decode gold answers whose exact wording changed (may still be right)
 
     def __post_init__(self):
@@ -174,6 +177,15 @@ def _first_false(flags: list[bool], start: int = 0) -> int:
     return next((i for i in range(start, len(flags)) if not flags[i]), len(flags))
 
 
+def _agrees(q: Question, text: str, reference: str, min_f1: float) -> bool:
+    """A compressed answer keeps a full-cache one: right (gold strings in it), or for a document question, a token
+    F1 ≥ ``min_f1`` with the full-cache answer."""
+    if q.has_gold:
+        return q.is_correct(text)
+    echo = set(normalize(q.question).split())  # words of the question repeated in the answer carry no content
+    return token_f1(reference, text, ARTICLES | echo) >= min_f1
+
+
 def _gold_done(q: Question, text: str, n_tokens: int) -> bool:
     """Stop decoding a gold answer: its gold strings are out, or (3+ tokens in) its first sentence ended."""
     return q.is_correct(text) or (n_tokens >= 3 and text.rstrip(" ").endswith((".", "!", "?", "\n")))
@@ -260,7 +272,7 @@ def evaluate_truth(engine, doc: TruthDocument, config: TruthConfig | None = None
         #    ratio whose teacher-forced check failed; if right, its next one (rounds, all questions batched)
         t = time.perf_counter()
         lost = {i: _first_false(exact[i]) for i in alive}
-        pending = {i: 0 for i in alive if qs[i].has_gold and config.decode_failures}
+        pending = {i: 0 for i in alive if config.decode_failures and (qs[i].has_gold or config.doc_min_f1 <= 1.0)}
         while pending:
             todo = []
             for i, begin in pending.items():
@@ -272,7 +284,10 @@ def evaluate_truth(engine, doc: TruthDocument, config: TruthConfig | None = None
             rows = keep[torch.tensor([1 + lo + r for r, _ in todo])]
 
             def got(b: int, ids: list[int], todo=todo) -> bool:
-                return _gold_done(qs[todo[b][1]], tok.decode(ids, skip_special_tokens=True), len(ids))
+                q = qs[todo[b][1]]
+                if not q.has_gold:
+                    return len(ids) >= config.doc_answer_tokens
+                return _gold_done(q, tok.decode(ids, skip_special_tokens=True), len(ids))
 
             outs = decode_rows(lm, keys, values, rows, [prompts[i] for _, i in todo], config.max_answer_tokens,
                                eos, stop=got)
@@ -280,7 +295,7 @@ def evaluate_truth(engine, doc: TruthDocument, config: TruthConfig | None = None
             for (r, i), o in zip(todo, outs):
                 text = tok.decode(o, skip_special_tokens=True).strip()
                 outcomes[i].decoded[f"{config.ratios[lo + r]:g}"] = text
-                if qs[i].is_correct(text):
+                if _agrees(qs[i], text, texts[i], config.doc_min_f1):
                     pending[i] = r + 1
         timings["redecode_s"] += time.perf_counter() - t
         for i in list(alive):

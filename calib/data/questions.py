@@ -108,7 +108,7 @@ class QuestionConfig:
     multi_values: int = 2  # values of the multi-needle key (all asked at once)
     doc_questions: int = 2  # generic questions about the text (reference = full-cache answer)
 
-    def validate(self) -> "QuestionConfig":
+    def validate(self) -> QuestionConfig:
         for name in ("n_needles", "kv_pairs", "multi_values", "doc_questions"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
@@ -127,6 +127,30 @@ class QuestionConfig:
 def normalize(text: str) -> str:
     """Lower case, punctuation dropped (digits and letters kept), single spaces."""
     return " ".join(re.sub(r"[^0-9a-z]+", " ", text.lower()).split())
+
+
+ARTICLES = frozenset({"a", "an", "the"})
+
+
+def token_f1(reference: str, answer: str, ignore: frozenset[str] | set[str] = ARTICLES) -> float:
+    """SQuAD-style token F1 between two answers over their normalised words minus ``ignore`` (articles; pass the
+    question's words too so that an echo of the question does not count as agreement); 1.0 when both are empty."""
+    ref = [w for w in normalize(reference).split() if w not in ignore]
+    ans = [w for w in normalize(answer).split() if w not in ignore]
+    if not ref or not ans:
+        return float(ref == ans)
+    common: dict[str, int] = {}
+    for w in ref:
+        common[w] = common.get(w, 0) + 1
+    overlap = 0
+    for w in ans:
+        if common.get(w, 0) > 0:
+            overlap += 1
+            common[w] -= 1
+    if overlap == 0:
+        return 0.0
+    precision, recall = overlap / len(ans), overlap / len(ref)
+    return 2 * precision * recall / (precision + recall)
 
 
 def _needle(template: str, rng: random.Random) -> tuple[str, str, str]:

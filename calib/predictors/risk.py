@@ -95,7 +95,7 @@ class RiskControlPredictor(Predictor):
                 "r_max": self.r_max, "n_cal": self.n_cal}
 
     @classmethod
-    def from_params(cls, p: dict) -> "RiskControlPredictor":
+    def from_params(cls, p: dict) -> RiskControlPredictor:
         b = p["base"]
         if b.get("kind") not in KINDS or b["kind"] in ("conformal", "risk"):
             raise ValueError(f"invalid base kind {b.get('kind')!r}")
@@ -108,7 +108,7 @@ class RiskControlPredictor(Predictor):
         return cls(base, float(p["epsilon"]), math.inf if lam is None else float(lam), grid, float(p["r_max"]),
                    int(p["n_cal"]))
 
-    def calibrate(self, features: list[dict], grid, losses, epsilon: float | None = None) -> "RiskControlPredictor":
+    def calibrate(self, features: list[dict], grid, losses, epsilon: float | None = None) -> RiskControlPredictor:
         """λ̂ from calibration contexts: ``losses`` (n, R) monotone loss curves over ``grid``."""
         if epsilon is not None:
             self.epsilon = float(epsilon)

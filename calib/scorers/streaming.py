@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvcalib.calib.budget import Budget
 from kvcalib.calib.capture import Capture, prefill
 from kvcalib.calib.lm.registry import LoadedModel
 from kvcalib.calib.scorers.base import ScoreContext, Scorer
@@ -104,26 +103,3 @@ def capture_and_score(lm: LoadedModel, input_ids: torch.Tensor, scorer: Scorer, 
     t0 = time.perf_counter()
     scores = scorer.score(cap, ctx)
     return StreamedScores(cap, scores, cap.prefill_seconds, time.perf_counter() - t0)
-
-
-def engine_capture_and_score(engine, ids: torch.Tensor, scorer: Scorer, budget: Budget | None = None,
-                             nll_stride: int = 1, extra_query_positions: torch.Tensor | None = None,
-                             streaming: bool = True) -> StreamedScores:
-    """Capture (with the NLL) and score through ``engine`` (a ``calib.pipeline.Engine``): streamed when
-    ``streaming`` and the engine's ``capture`` is the plain ``Engine.capture``; engines that override it (the
-    sweeps' memoised captures, reused by every method; the CLI's staged engine) get the reference path, the full
-    capture from ``engine.capture`` and ``scorer.score`` after it (with ``engine.score_context(budget)``, asked
-    for after the capture there, as the staged engine announces its stages in that order)."""
-    from kvcalib.calib.pipeline import Engine
-
-    if streaming and getattr(type(engine), "capture", None) is Engine.capture:
-        t0 = time.perf_counter()
-        out = capture_and_score(engine.lm, ids, scorer, engine.score_context(budget), compute_nll=True,
-                                nll_stride=nll_stride, extra_query_positions=extra_query_positions)
-        out.prefill_seconds = time.perf_counter() - t0 - out.score_seconds  # with the NLL and the stacking
-        return out
-    t0 = time.perf_counter()
-    cap = engine.capture(ids, compute_nll=True, nll_stride=nll_stride)
-    t1 = time.perf_counter()
-    scores = scorer.score(cap, engine.score_context(budget))
-    return StreamedScores(cap, scores, t1 - t0, time.perf_counter() - t1)

@@ -145,7 +145,7 @@ class RequestValidator:
         check_names(p.model, p.method, p.allocator)
         if not 0.0 < p.tolerance <= 1.0:
             raise ServiceInputError(f"tolerance must be in (0, 1], got {p.tolerance}")
-        from kvcalib.sweep.promotion import with_promoted_params  # a promoted sweep result: the default parameters
+        from kvcalib.service.promoted import with_promoted_params  # a promoted sweep result: the default parameters
 
         p.options = with_promoted_params(p.options, p.model, p.method, p.allocator, s.data_dir)
         return p

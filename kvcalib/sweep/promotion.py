@@ -10,6 +10,17 @@ import os
 import threading
 from pathlib import Path
 
+from kvcalib.service.promoted import (  # noqa: F401  (re-exported for kvcalib.sweep)
+    PROMOTED_FILE,
+    PromotedDefaultsError,
+    _key,
+    _read_promoted,
+    promoted_allocator_params,
+    promoted_entry,
+    promoted_params,
+    promoted_path,
+    with_promoted_params,
+)
 from kvcalib.sweep.errors import SweepError
 from kvcalib.sweep.space import split_params
 from kvcalib.sweep.spec import OBJECTIVE_NAMES
@@ -18,7 +29,6 @@ from kvcalib.sweep.studies import load_study, spec_of
 
 log = logging.getLogger("kvcalib.sweep")
 
-PROMOTED_FILE = "promoted_defaults.json"
 _PROMOTE_LOCK = threading.Lock()
 
 
@@ -59,30 +69,6 @@ def pick_trial(study, max_loss: float = 0.0, trial: int | None = None):
     return min(front, key=lambda t: (t.values[1], -t.values[0], t.number))
 
 
-def promoted_path(data_dir: str | Path | None = None) -> Path:
-    if data_dir is None:
-        from kvcalib.settings import get_settings
-
-        data_dir = get_settings().data_dir
-    return Path(data_dir) / PROMOTED_FILE
-
-
-def _read_promoted(path: Path) -> dict:
-    if not path.is_file():
-        return {"version": 1, "entries": {}}
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise SweepError(f"cannot read promoted defaults {str(path)!r}: {exc}") from exc
-    if not isinstance(d, dict) or not isinstance(d.setdefault("entries", {}), dict):
-        raise SweepError(f"promoted defaults {str(path)!r} are not an object of entries")
-    return d
-
-
-def _key(model: str, method: str) -> str:
-    return f"{model}/{method}"
-
-
 def promote(study_name: str, *, trial: int | None = None, max_loss: float = 0.0, storage=None,
             data_dir: str | Path | None = None) -> dict:
     """Record the chosen trial's parameters as the promoted defaults of (model, method); returns the entry."""
@@ -108,60 +94,3 @@ def promote(study_name: str, *, trial: int | None = None, max_loss: float = 0.0,
     return entry
 
 
-def promoted_entry(method: str, model: str | None = None, data_dir: str | Path | None = None) -> dict | None:
-    """The promotion record of (model, method) — model defaults to the service's default model — or None."""
-    if model is None:
-        from kvcalib.settings import get_settings
-
-        model = get_settings().default_model
-    e = _read_promoted(promoted_path(data_dir))["entries"].get(_key(model, method))
-    return e if isinstance(e, dict) else None
-
-
-def promoted_params(method: str, model: str | None = None, data_dir: str | Path | None = None) -> dict:
-    """The promoted hyperparameters of ``method`` for ``model`` ({} when nothing was promoted): what the service
-    passes as ``method_params`` when a request gives none. Parameters the method no longer has are dropped."""
-    from kvcalib.calib.scorers import SCORERS
-
-    e = promoted_entry(method, model, data_dir)
-    if not e or method not in SCORERS:
-        return {}
-    names = set(SCORERS[method].param_names())
-    return {k: v for k, v in (e.get("method_params") or {}).items() if k in names}
-
-
-def promoted_allocator_params(method: str, allocator: str, model: str | None = None,
-                              data_dir: str | Path | None = None) -> dict:
-    """The promoted allocator parameters of (model, method) when they were swept for ``allocator`` ({} otherwise):
-    what the service passes as ``allocator_params`` when a request gives none. Unknown parameters are dropped."""
-    import inspect
-
-    from kvcalib.calib.budget import ALLOCATORS
-
-    e = promoted_entry(method, model, data_dir)
-    if not e or e.get("allocator") != allocator or allocator not in ALLOCATORS:
-        return {}
-    params = list(inspect.signature(ALLOCATORS[allocator]).parameters.values())[2:]  # after (scores, per_head)
-    names = {p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
-    return {k: v for k, v in (e.get("allocator_params") or {}).items() if k in names}
-
-
-def with_promoted_params(options: dict, model: str, method: str, allocator: str,
-                         data_dir: str | Path | None = None) -> dict:
-    """``options`` (a request's ``CalibrationConfig`` overrides) with the promoted ``method_params`` of (model,
-    method) — and its ``allocator_params`` when they were swept for ``allocator`` — filled in where the request
-    gives none. An unreadable promotion file is logged and ignored: requests never fail because of it."""
-    out = dict(options)
-    try:
-        if "method_params" not in out:
-            mp = promoted_params(method, model, data_dir)
-            if mp:
-                out["method_params"] = mp
-        if "allocator_params" not in out:
-            ap = promoted_allocator_params(method, allocator, model, data_dir)
-            if ap:
-                out["allocator_params"] = ap
-    except SweepError as exc:
-        log.warning("promoted defaults ignored: %s", exc)
-        return dict(options)
-    return out

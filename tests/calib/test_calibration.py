@@ -4,18 +4,25 @@ from __future__ import annotations
 
 import json
 import subprocess
-from fractions import Fraction
 import sys
+from fractions import Fraction
 
 import pytest
 import torch
 
-from kvcalib.calib.calibration import curve as C
 from kvcalib.calib.budget import Budget
-from kvcalib.calib.calibration import probes as P
 from kvcalib.calib.cache.ragged import RaggedKVCache, segment_offsets
-from kvcalib.calib.calibration.calibrate import (CalibrationConfig, CalibrationResult, Prediction, budgets_at, calibrate,
-                                     context_ids, predict)
+from kvcalib.calib.calibration import curve as C
+from kvcalib.calib.calibration import probes as P
+from kvcalib.calib.calibration.calibrate import (
+    CalibrationConfig,
+    CalibrationResult,
+    Prediction,
+    budgets_at,
+    calibrate,
+    context_ids,
+    predict,
+)
 from kvcalib.calib.errors import KvcalibError
 
 
@@ -238,7 +245,8 @@ def test_config_allocator_params_hash_and_round_trip():
     import hashlib
 
     plain = CalibrationConfig()
-    legacy = {k: v for k, v in plain.to_dict().items() if k != "allocator_params"}  # a config of before the field
+    legacy = {k: v for k, v in plain.to_dict().items()
+              if k not in ("allocator_params", "fidelity")}  # a config of before both fields
     blob = json.dumps(legacy, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     assert plain.to_dict()["allocator_params"] == {}
     assert plain.params_hash() == hashlib.sha256(blob.encode("utf-8")).hexdigest()  # stored keys stay valid

@@ -8,10 +8,21 @@ import math
 import numpy as np
 import pytest
 
-from kvcalib.calib.predictors import (ConstantPredictor, QuantileGBMPredictor, load_predictor, predictor_from_json,
-                                      save_predictors)
-from kvcalib.calib.predictors.risk import (RiskControlPredictor, crc_lambda, fit_truth_predictors, lambda_grid,
-                                           loss_at, snap_to_grid)
+from kvcalib.calib.predictors import (
+    ConstantPredictor,
+    QuantileGBMPredictor,
+    load_predictor,
+    predictor_from_json,
+    save_predictors,
+)
+from kvcalib.calib.predictors.risk import (
+    RiskControlPredictor,
+    crc_lambda,
+    fit_truth_predictors,
+    lambda_grid,
+    loss_at,
+    snap_to_grid,
+)
 
 GRID = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95]
 
