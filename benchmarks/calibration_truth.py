@@ -120,7 +120,8 @@ def label(args) -> None:
     try:
         qcfg = QuestionConfig(*(int(x) for x in args.questions.split(","))).validate()
     except (TypeError, ValueError) as exc:
-        raise SystemExit(f"--questions must be four integers n_needles,kv_pairs,multi_values,doc_questions: {exc}") from None
+        raise SystemExit("--questions must be four integers n_needles,kv_pairs,multi_values,doc_questions: "
+                         f"{exc}") from None
     docs = documents(eng.tokenizer, args.genre, args.n_docs, args.min_tokens, args.max_tokens, args.seed,
                      args.per_source, args.corpus)
     todo = [(i, t) for i, t in docs if i not in done]
