@@ -209,44 +209,6 @@ def split_by_group(records: list[dict], fractions=(0.5, 0.5, 0.0), seed: int = 0
     return parts
 
 
-def read_truth_labels(path, doc_min_confidence: float = 0.5) -> list[dict]:
-    """Truth records (JSONL, ``calibration.suite.truth_record``) re-counted with the document-question confidence
-    gate (``calibration.truth.rescore``); documents without a counted answer carry no information and are left out."""
-    import json
-    from pathlib import Path
-
-    from kvcalib.calib.calibration.truth import rescore
-
-    rows = []
-    for i, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise PredictorError(f"{path}:{i}: not JSON ({exc.msg})") from None
-        if not isinstance(r, dict) or "truth" not in r or "features" not in r:
-            raise PredictorError(f"{path}:{i}: not a truth record (written by benchmarks/calibration_truth.py)")
-        rows.append(rescore(r, doc_min_confidence))
-    last = {(r.get("id") or r.get("content_hash"), r.get("params_hash")): r for r in rows}  # a re-run's record wins
-    return [r for r in last.values() if r["n_counted"] > 0]
-
-
-def is_truth_label_file(path) -> bool:
-    """True when the first record of a JSONL file is a truth record (not a ``kvcalib calibrate`` label)."""
-    import json
-    from pathlib import Path
-
-    with Path(path).open(encoding="utf-8") as fh:
-        for line in fh:
-            if line.strip():
-                try:
-                    return isinstance(r := json.loads(line), dict) and "truth" in r and "r_star_task" in r
-                except json.JSONDecodeError:
-                    return False
-    return False
-
-
 def fit_truth_labels(records: list[dict], fractions=(0.5, 0.5, 0.0), seed: int = 0, epsilon: float = 0.05,
                      alpha: float = 0.1) -> tuple[dict[str, Predictor], dict]:
     """Split truth records by source and fit ``fit_truth_predictors``; returns (predictors, split description)."""

@@ -155,7 +155,7 @@ def fit_cmd(
     if not 0.0 < alpha < 1.0:
         fail(f"--alpha must lie in (0, 1), got {alpha}")
     fr = _fractions(split)
-    from kvcalib.calib.predictors.risk import is_truth_label_file
+    from kvcalib.calib.calibration.truth_labels import is_truth_label_file
 
     if labels.is_file() and read_text_file(labels, "label file") and is_truth_label_file(labels):  # UTF-8 first
         return _fit_truth(labels, out, alpha, epsilon, seed, fr, as_json)
@@ -185,8 +185,9 @@ def fit_cmd(
 
 def _fit_truth(labels: Path, out: Path, alpha: float, epsilon: float, seed: int, fr, as_json: bool) -> None:
     """``kvcalib fit`` on truth labels: risk control of the answer loss (``predictors.risk.fit_truth_labels``)."""
+    from kvcalib.calib.calibration.truth_labels import read_truth_labels
     from kvcalib.calib.predictors import save_predictors
-    from kvcalib.calib.predictors.risk import fit_truth_labels, read_truth_labels
+    from kvcalib.calib.predictors.risk import fit_truth_labels
 
     if not 0.0 < epsilon < 1.0:
         fail(f"--epsilon must lie in (0, 1), got {epsilon}")
