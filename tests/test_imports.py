@@ -108,3 +108,55 @@ def test_environment_scan_finds_uses(tmp_path):
 def test_engine_reads_and_sets_no_environment_variables():
     uses = [u for path in sorted(CALIB_DIR.rglob("*.py")) for u in environment_uses(path, CALIB_DIR.parent)]
     assert uses == [], "the engine must take configuration as arguments, not from the environment:\n" + "\n".join(uses)
+
+
+def test_no_package_level_import_cycle():
+    """Dependencies point one way: the graph of kvcalib's packages (calib's subpackages and the service-side
+    packages), built from every ``from kvcalib... import`` in the tree, function-level imports included, is acyclic.
+    The top-level ``kvcalib/__init__.py`` (lazy re-exports) is left out."""
+    import ast
+    import collections
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    tops = {"calib": "kvcalib.calib", "kvcalib": "kvcalib", "api": "kvcalib.api", "worker": "kvcalib.worker",
+            "kernels": "kvcalib.kernels"}
+
+    def package(mod: str) -> str:
+        p = mod.split(".")
+        if p[:2] == ["kvcalib", "calib"]:
+            return "calib." + p[2] if len(p) > 2 else "calib"
+        return p[1] if len(p) > 1 else "kvcalib"
+
+    edges: dict[str, set[str]] = collections.defaultdict(set)
+    for top, dotted in tops.items():
+        for f in (root / top).rglob("*.py"):
+            rel = f.relative_to(root / top).with_suffix("").parts
+            mod = ".".join([dotted, *rel]).removesuffix(".__init__")
+            if mod == "kvcalib":
+                continue
+            src = package(mod)
+            for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("kvcalib"):
+                    names = ([f"{node.module}.{a.name}" for a in node.names]
+                             if node.module in ("kvcalib", "kvcalib.calib") else [node.module])
+                    for name in names:
+                        dst = package(name)
+                        if dst not in (src, "calib"):  # the `calib` facade re-exports lazily
+                            edges[src].add(dst)
+    cycles = set()
+
+    def walk(node: str, path: list[str]) -> None:
+        for nxt in edges.get(node, ()):
+            if nxt in path:
+                cycles.add(" -> ".join(path[path.index(nxt):] + [nxt]))
+            else:
+                walk(nxt, path + [nxt])
+
+    for start in list(edges):
+        walk(start, [start])
+    assert not cycles, sorted(cycles)
+    assert "service" not in edges["calib.calibration"] and not any(d.startswith(("service", "api", "worker",
+                                                                                  "sweep", "settings"))
+                                                                     for s, ds in edges.items()
+                                                                     if s.startswith("calib.") for d in ds)
