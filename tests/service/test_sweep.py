@@ -445,7 +445,7 @@ def test_sweep_through_celery_worker_resume_show_and_promote(pg_url, sweep_redis
         storage = sw.make_storage(pg_url)
         box = {}
         driver = threading.Thread(target=lambda: box.update(rep=sw.run_sweep(name, 2, broker=True, storage=storage,
-                                                                             timeout=200,
+                                                                             timeout=400,
                                                                              broker_runner=run_with_broker)))
         driver.start()
         running = wait_for(lambda: [t for t in sw.load_study(name, storage).trials if t.state.name == "RUNNING"],
@@ -455,7 +455,7 @@ def test_sweep_through_celery_worker_resume_show_and_promote(pg_url, sweep_redis
         worker.stop()
         worker = WorkerProcess(env, tmp_path / "worker2.log", "sweep2")
         worker.wait_ready(120)
-        driver.join(240)
+        driver.join(420)  # bounds for a loaded CI machine (the sweep times out at 400 s)
         assert not driver.is_alive()
         rep = box["rep"]
         assert not rep.created and rep.study_id == first["study_id"]
