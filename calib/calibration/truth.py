@@ -155,15 +155,29 @@ def item_token_spans(engine, text: str, spans: list[tuple[int, int]]) -> list[tu
     tok = engine.tokenizer
     head_text = tok.decode(head) if doc_start else ""
     enc = tok(head_text + text, add_special_tokens=False, return_offsets_mapping=True)
-    if enc.input_ids != ids.tolist():  # offsets must describe exactly the cached tokens
-        raise TruthError("could not map the inserted items to context tokens (tokenisation differs)")
-    shift = len(head_text)
+    if enc.input_ids == ids.tolist():  # the offsets describe exactly the cached tokens
+        base, offsets = 0, enc.offset_mapping
+        where = [(a + len(head_text), b + len(head_text)) for a, b in spans]
+    else:  # the template merged or normalised text at a boundary: offsets by incremental decoding of the document
+        doc_ids = ids[doc_start:].tolist()
+        decoded = tok.decode(doc_ids)
+        ends, top = [], 0
+        for k in range(len(doc_ids)):  # (prefix decodes of a split multi-byte char can shrink: keep them monotone)
+            top = max(top, len(tok.decode(doc_ids[:k + 1])))
+            ends.append(top)
+        offsets = list(zip([0] + ends[:-1], ends))
+        base, where = doc_start, []
+        for a, b in spans:
+            pos = decoded.find(text[a:b], max(0, a - 256))
+            pos = decoded.find(text[a:b]) if pos < 0 else pos
+            if pos < 0:
+                raise TruthError("could not map an inserted item to context tokens (the template changed it)")
+            where.append((pos, pos + b - a))
     out = []
-    for a, b in spans:
-        a, b = a + shift, b + shift
-        toks = [i for i, (s, e) in enumerate(enc.offset_mapping) if s < b and e > a]
+    for a, b in where:
+        toks = [i for i, (s, e) in enumerate(offsets) if s < b and e > a]
         if toks:
-            out.append((min(toks), max(toks) + 1))
+            out.append((base + min(toks), base + max(toks) + 1))
     return out
 
 

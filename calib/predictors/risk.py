@@ -27,7 +27,15 @@ import math
 
 import numpy as np
 
-from kvcalib.calib.predictors.base import KINDS, R_MAX, Predictor, PredictorError, default_feature_names, register
+from kvcalib.calib.predictors.base import (
+    KINDS,
+    R_MAX,
+    Predictor,
+    PredictorError,
+    default_feature_names,
+    feature_matrix,
+    register,
+)
 from kvcalib.calib.predictors.conformal import ConformalPredictor
 from kvcalib.calib.predictors.constant import ConstantPredictor
 from kvcalib.calib.predictors.quantile import QuantileGBMPredictor
@@ -126,6 +134,59 @@ class RiskControlPredictor(Predictor):
         return snap_to_grid(np.clip(self.base.predict(features) - self.lam, 0.0, self.r_max), self.grid)
 
 
+@register
+class LinearPredictor(Predictor):
+    """Ridge regression on standardised features (missing ones take the training medians), clipped to
+    [0, r_max]: a base for risk control that few training contexts can fit (JSON parameters, numpy inference)."""
+
+    kind = "linear"
+
+    def __init__(self, feature_names: list[str] | None = None, ridge: float = 1.0, r_max: float = R_MAX):
+        super().__init__()
+        self.feature_names = list(feature_names or [])
+        self.ridge, self.r_max = float(ridge), float(r_max)
+        self.fill: dict[str, float] = {}
+        self.mean: list[float] = []
+        self.scale: list[float] = []
+        self.coef: list[float] = []
+        self.intercept = 0.0
+
+    def params(self) -> dict:
+        return {"feature_names": self.feature_names, "ridge": self.ridge, "r_max": self.r_max, "fill": self.fill,
+                "mean": self.mean, "scale": self.scale, "coef": self.coef, "intercept": self.intercept}
+
+    @classmethod
+    def from_params(cls, p: dict) -> LinearPredictor:
+        m = cls([str(x) for x in p["feature_names"]], float(p["ridge"]), float(p["r_max"]))
+        m.fill = {str(k): float(v) for k, v in p["fill"].items()}
+        m.mean, m.scale = [float(x) for x in p["mean"]], [float(x) for x in p["scale"]]
+        m.coef, m.intercept = [float(x) for x in p["coef"]], float(p["intercept"])
+        if not len(m.feature_names) == len(m.mean) == len(m.scale) == len(m.coef):
+            raise ValueError("inconsistent linear predictor arrays")
+        return m
+
+    def fit(self, features: list[dict], y) -> LinearPredictor:
+        y = np.asarray(y, dtype=float)
+        if len(features) != len(y) or len(y) < 2 or not self.feature_names:
+            raise PredictorError("need at least two labelled contexts and one feature for the linear predictor")
+        raw = feature_matrix(features, self.feature_names)
+        self.fill = {k: float(np.nanmedian(c)) if (~np.isnan(c)).any() else 0.0
+                     for k, c in zip(self.feature_names, raw.T)}
+        x = feature_matrix(features, self.feature_names, self.fill)
+        mu, sd = x.mean(0), x.std(0)
+        sd = np.where(sd > 1e-12, sd, 1.0)
+        z = (x - mu) / sd
+        coef = np.linalg.solve(z.T @ z + self.ridge * np.eye(z.shape[1]), z.T @ (y - y.mean()))
+        self.mean, self.scale, self.coef = mu.tolist(), sd.tolist(), coef.tolist()
+        self.intercept = float(y.mean())
+        return self
+
+    def predict(self, features: list[dict]) -> np.ndarray:
+        x = feature_matrix(features, self.feature_names, self.fill)
+        z = (x - np.asarray(self.mean)) / np.asarray(self.scale)
+        return np.clip(z @ np.asarray(self.coef) + self.intercept, 0.0, self.r_max)
+
+
 # ---------------------------------------------------------------------------------------------------- fitting
 def truth_arrays(records: list[dict]) -> tuple[list[dict], list[float], np.ndarray, np.ndarray]:
     """(features, grid, losses (n, R), r*_task (n,)) of truth records (``calib.calibration.suite``) on one grid."""
@@ -172,7 +233,10 @@ def fit_truth_predictors(train: list[dict], cal: list[dict], epsilon: float = 0.
             f_tr + f_cal, np.concatenate([y_tr, y_cal])),
     }
     cfg = train[0].get("config") or {}
-    training = {"config": {k: cfg[k] for k in ("method", "allocator", "allocator_params") if k in cfg},
+    # the answer-loss budget ε answers requests at tolerance τ = 1 − ε (the service matches on it)
+    tcfg = {k: cfg[k] for k in ("method", "allocator", "allocator_params") if k in cfg}
+    tcfg["tolerance"] = round(1.0 - float(epsilon), 6)
+    training = {"config": tcfg,
                 "target": "task_truth", "n_train": len(train), "n_cal": len(cal), "epsilon": epsilon,
                 "alpha": alpha, "seed": seed, "grid": grid}
     for name, p in out.items():

@@ -16,6 +16,7 @@ from kvcalib.calib.predictors import (
     save_predictors,
 )
 from kvcalib.calib.predictors.risk import (
+    LinearPredictor,
     RiskControlPredictor,
     crc_lambda,
     fit_truth_predictors,
@@ -121,7 +122,8 @@ def test_fit_truth_predictors_and_json_round_trip(tmp_path):
     assert set(preds) == {"risk", "risk_global", "conformal", "global"}
     risk = preds["risk"]
     assert isinstance(risk.base, QuantileGBMPredictor) and risk.training["target"] == "task_truth"
-    assert risk.training_config() == {"method": "compactor", "allocator": "adakv"}
+    # ε answers requests at τ = 1 − ε (what the service matches a predictor on)
+    assert risk.training_config() == {"method": "compactor", "allocator": "adakv", "tolerance": 0.9}
     f_te = [r["features"] for r in test]
     l_te = np.array([r["loss"] for r in test])
     pr, pg = risk.predict(f_te), preds["risk_global"].predict(f_te)
@@ -135,3 +137,23 @@ def test_fit_truth_predictors_and_json_round_trip(tmp_path):
     d["params"]["lambda"] = 0.0
     with pytest.raises(Exception, match="content hash"):
         predictor_from_json(d)
+
+
+def test_linear_predictor_is_ridge_on_standardised_features():
+    """Against the closed form written out: z = (x − μ)/σ, w = (ZᵀZ + λI)⁻¹ Zᵀ(y − ȳ), ŷ = clip(z·w + ȳ)."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(40, 2)) * [2.0, 0.5] + [1.0, -3.0]
+    y = np.clip(0.4 + 0.1 * x[:, 0] - 0.05 * x[:, 1] + rng.normal(0, 0.02, 40), 0, 0.95)
+    feats = [{"a": float(a), "b": float(b)} for a, b in x]
+    m = LinearPredictor(["a", "b"], ridge=2.0).fit(feats, y)
+    mu, sd = x.mean(0), x.std(0)
+    z = (x - mu) / sd
+    w = np.linalg.inv(z.T @ z + 2.0 * np.eye(2)) @ z.T @ (y - y.mean())
+    want = np.clip(z @ w + y.mean(), 0.0, 0.95)
+    assert np.allclose(m.predict(feats), want)
+    gap = m.predict([{"a": 1.0}])  # a missing feature takes the training median
+    assert np.allclose(gap, np.clip(((np.array([1.0, np.median(x[:, 1])]) - mu) / sd) @ w + y.mean(), 0, 0.95))
+    again = predictor_from_json(m.to_json())
+    assert np.array_equal(again.predict(feats), m.predict(feats))
+    with pytest.raises(Exception, match="at least two"):
+        LinearPredictor(["a"]).fit(feats[:1], y[:1])

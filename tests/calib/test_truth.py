@@ -135,6 +135,20 @@ def test_probes_keep_off_the_inserted_items(engine, doc, prepared):
         cap.input_ids, start, 8, 4, 6, seed=0, avoid=[])]
 
 
+
+def test_item_spans_when_the_template_merges_the_document_start(engine, text):
+    """A document starting with a blank line merges with the chat header's newline (no clean document start): the
+    spans come from incremental decoding instead, and still cover exactly the inserted items."""
+    doc = make_questions("\n\n" + text, seed=2, config=QuestionConfig(n_needles=2, kv_pairs=0, multi_values=0,
+                                                                       doc_questions=0))
+    ids, start = context_ids(engine, doc.text)
+    assert start == 0  # the header is not a token prefix of this context: the fallback path
+    spans = item_token_spans(engine, doc.text, doc.spans)
+    assert len(spans) == len(doc.spans) == 2
+    for (a, b), (ca, cb) in zip(spans, doc.spans):
+        got = normalize(engine.tokenizer.decode(ids[a:b]))
+        assert normalize(doc.text[ca:cb]) in got and len(got) < len(normalize(doc.text[ca:cb])) + 12
+
 # ---------------------------------------------------------------------------------------------------- batching
 def test_decode_rows_and_teacher_forcing_equal_one_row_greedy_decoding(engine, doc, prepared):
     cap, scores, _ = prepared
