@@ -34,7 +34,9 @@ Per-context calibration of KV-cache compression as a service.
 * `GET /budget` — the stored profile of a document for inference servers (404 with a hint when not calibrated);
   `POST /budget` — a predicted budget for a new document.
 * `/jobs`, `/batches`, `/profiles` — job lifecycle, batch progress, stored profiles and their curves;
-  `DELETE /documents/{id}` — a document with its jobs and profiles.
+  `DELETE /documents/{id}` — a document with its jobs, profiles and predictions.
+* `GET /predictors` — the shipped, configured and registered predictors and the default of each model;
+  `POST /predictors` — register a predictor from its JSON file; `GET /predictions` — the stored predictions.
 
 Write endpoints (POST, DELETE) need `Authorization: Bearer <token>` when `KVCALIB_API_TOKEN` is set, reads of stored
 data the read token when `KVCALIB_API_READ_TOKEN` is set (checked before the body is read: 401). Bad input is always
@@ -89,7 +91,7 @@ def create_app(settings: Settings | None = None, *, dispatcher: Dispatcher | Non
     app = FastAPIOffline(title="kvcalib", version=__version__, description=DESCRIPTION, lifespan=lifespan,
                          openapi_tags=[{"name": "calibration"}, {"name": "budget"}, {"name": "jobs"},
                                        {"name": "batches"}, {"name": "profiles"}, {"name": "documents"},
-                                       {"name": "operations"}])
+                                       {"name": "predictors"}, {"name": "operations"}])
     app.state.settings = s
     app.state.service = service
     app.state.metrics = Metrics(lambda: app.state.service)
@@ -106,11 +108,12 @@ def create_app(settings: Settings | None = None, *, dispatcher: Dispatcher | Non
         routes_documents,
         routes_health,
         routes_jobs,
+        routes_predictors,
         routes_profiles,
     )
 
     for module in (routes_calibrate, routes_budget, routes_jobs, routes_batches, routes_profiles, routes_documents,
-                   routes_health):
+                   routes_predictors, routes_health):
         app.include_router(module.router)
     return app
 

@@ -229,3 +229,51 @@ class DocumentDeletedOut(BaseModel):
     profiles: int
     curve_points: int
     batch_items: int = Field(description="Batch entries of the deleted jobs (the batches themselves stay).")
+    predictions: int = Field(0, description="Stored predictions of the document's hash.")
+
+
+class PredictorOut(BaseModel):
+    """A predictor the service knows (``GET /predictors``, ``POST /predictors``)."""
+
+    name: str | None = Field(None, description="Its entry in a predictor folder's manifest (shipped, configured).")
+    version: str = Field(description="`{kind}-{parameter hash}-{created}`: what predictions record.")
+    kind: str | None = None
+    model: str | None = Field(None, description="The model it answers for (null: any model).")
+    source: Literal["shipped", "configured", "registered"] = Field(
+        description="shipped: package data; configured: KVCALIB_PREDICTOR_PATH; registered: POST /predictors (or "
+                    "configured earlier).")
+    training_config: dict[str, Any] = Field(
+        description="What it was trained for (method, allocator, tolerance): it only answers such requests.")
+    metrics: dict[str, Any]
+    default: bool = Field(description="Serves its model at the default method, allocator and tolerance.")
+    created_at: dt.datetime | None = Field(None, description="When the store recorded it (null: never served).")
+
+
+class PredictorsOut(BaseModel):
+    predictors: list[PredictorOut]
+    defaults: dict[str, str] = Field(description="Model → version of the predictor answering it at the default "
+                                                 "method, allocator and tolerance (`fallback-…`: none fits).")
+
+
+class PredictionOut(BaseModel):
+    """A stored prediction: one per document hash, model, parameters and predictor version."""
+
+    id: int
+    document_hash: str
+    model: str
+    model_revision: str
+    method: str
+    allocator: str
+    tolerance: float
+    params_hash: str
+    ratio: float
+    token_budget: int
+    context_tokens: int
+    predictor_version: str
+    predictor_kind: str | None = None
+    features: dict[str, Any]
+    created_at: dt.datetime
+
+
+class PredictionsOut(BaseModel):
+    predictions: list[PredictionOut] = Field(description="Newest first.")

@@ -6,6 +6,9 @@
 >>> b = kv.budget(text=doc, predict_missing=True)  # … else the predicted budget (POST /budget)
 >>> b.ratio, b.token_budget, b.head_budgets        # r*, mean kept tokens per head, (L, Hkv) counts
 >>> ckv = kv.compress(doc)                          # the compressed cache itself (safetensors → CompressedKV)
+>>> kv.predictors()["defaults"]                     # model → predictor serving it (shipped by default)
+>>> kv.register_predictor("predictors/risk.json")   # a predictor of `kvcalib fit`, served from then on
+>>> kv.predictions(text=doc)                        # its stored predictions, newest first
 
 Applying a budget to a transformers ``DynamicCache`` (see ``apply_budget`` / ``to_dynamic_cache``):
 
@@ -22,10 +25,12 @@ Applying a budget to a transformers ``DynamicCache`` (see ``apply_budget`` / ``t
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -236,6 +241,33 @@ class KvcalibClient:
         r = self.http.get(f"/profiles/{profile_id}")
         self._raise(r)
         return r.json()
+
+    # ------------------------------------------------------------------ predictors, predictions
+    def predictors(self) -> dict:
+        """``GET /predictors``: ``{"predictors": [...], "defaults": {model: version}}``."""
+        r = self.http.get("/predictors")
+        self._raise(r)
+        return r.json()
+
+    def register_predictor(self, predictor: dict | str | Path, model: str | None = None) -> dict:
+        """``POST /predictors``: register a predictor — its JSON object, or the path of its ``.json`` file (as
+        written by ``kvcalib fit``). Returns the registered predictor (``ServiceError`` 422 when malformed)."""
+        if isinstance(predictor, (str, Path)):
+            predictor = json.loads(Path(predictor).read_text(encoding="utf-8"))
+        r = self.http.post("/predictors", json=predictor, params={"model": model} if model else None)
+        self._raise(r)
+        return r.json()
+
+    def predictions(self, document_hash: str | None = None, *, text: str | None = None, model: str | None = None,
+                    method: str | None = None, allocator: str | None = None, limit: int = 100) -> list[dict]:
+        """``GET /predictions``: the stored predictions (of a document, given its hash or text), newest first."""
+        if document_hash is None and text is not None:
+            document_hash = content_hash(text)
+        params = {"document_hash": document_hash, "model": model, "method": method, "allocator": allocator,
+                  "limit": limit}
+        r = self.http.get("/predictions", params={k: v for k, v in params.items() if v is not None})
+        self._raise(r)
+        return r.json()["predictions"]
 
 
 # ---------------------------------------------------------------------------------------------------- caches

@@ -86,8 +86,9 @@ class Settings(BaseSettings):
     default_allocator: str = defaults.ALLOCATOR
     default_tolerance: float = Field(default=defaults.TOLERANCE, gt=0.0, le=1.0)
     predictor_path: Path | None = Field(
-        default=None, description="Folder of a trained predictor (calib.predictors). None = the newest predictor "
-                                  "registered in the database, else the documented fallback.")
+        default=None, description="Folder of a trained predictor (calib.predictors). None (or one trained for "
+                                  "other settings) = the newest predictor registered in the database, else the one "
+                                  "shipped for the request's model, else the documented fallback.")
 
     # ------------------------------------------------------------------ limits and security
     max_document_bytes: int = Field(default=1_000_000, ge=1, description="Larger documents get 413.")

@@ -80,7 +80,7 @@ def clean_pg(pg_url):
     eng = sa.create_engine(pg_url)
     with eng.begin() as conn:
         conn.execute(sa.text("TRUNCATE batch_items, batches, profiles, curve_points, calibration_runs, documents, "
-                             "models, predictors RESTART IDENTITY CASCADE"))
+                             "models, predictors, predictions RESTART IDENTITY CASCADE"))
     eng.dispose()
     return pg_url
 
@@ -234,6 +234,22 @@ def equal_length_documents(engine, n: int, tokens: int) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------------- API apps
+@contextmanager
+def shipped_predictors(folder):
+    """The package's shipped predictors replaced by the model folders under ``folder`` (an empty folder: nothing
+    ships) for the duration: tests of the fallback and of the shipped default do not depend on the package data."""
+    from kvcalib.calib.predictors import bundled
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(bundled, "SHIPPED", Path(folder))
+    bundled._load.cache_clear()
+    try:
+        yield Path(folder)
+    finally:
+        mp.undo()
+        bundled._load.cache_clear()
+
+
 def isolated_settings(data_dir, **overrides):
     """``Settings`` from the arguments alone: the environment's ``KVCALIB_*`` variables (all but the model cache
     dir) are hidden while they are built, and no ``.env`` file is read."""

@@ -20,13 +20,15 @@ _EXPORTS: dict[str, str] = {
     "EngineLoader": "runtime", "ModelInfo": "runtime",
     "JobView": "views", "ProfileSummary": "views", "BatchView": "views", "BatchItemView": "views",
     "ProfileView": "views", "CurvePointView": "views", "BudgetView": "views", "CompressedCache": "views",
-    "CompressionInfo": "views", "Readiness": "views",
+    "CompressionInfo": "views", "Readiness": "views", "PredictionView": "views", "PredictorInfo": "views",
+    "PredictorListing": "views",
 }
 
 __all__ = [
     "BatchItemView", "BatchView", "BudgetView", "CalibrationParams", "CompressedCache", "CompressionInfo",
     "ConflictError", "CurvePointView", "Dispatcher", "DocumentInput", "EngineLoader", "FallbackPredictor",
-    "JobView", "ModelInfo", "NotFoundError", "ProfileSummary", "ProfileView", "RatioPredictor", "Readiness",
+    "JobView", "ModelInfo", "NotFoundError", "PredictionView", "PredictorInfo", "PredictorListing",
+    "ProfileSummary", "ProfileView", "RatioPredictor", "Readiness",
     "Service", "ServiceInputError", "TooLargeError", "UnavailableError", "decode_utf8", "parse_jsonl",
     "validate_text",
 ]
@@ -46,6 +48,9 @@ if TYPE_CHECKING:
         CompressionInfo,
         CurvePointView,
         JobView,
+        PredictionView,
+        PredictorInfo,
+        PredictorListing,
         ProfileSummary,
         ProfileView,
         Readiness,

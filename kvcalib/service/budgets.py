@@ -41,7 +41,8 @@ class Budgets:
     def predicted(self, doc: DocumentInput, p: CalibrationParams, persist: bool = False,
                   prefer_profile: bool = True) -> BudgetView:
         """A stored profile when the document is calibrated at τ (``prefer_profile``), else the predictor's
-        budget (synchronous). ``persist`` stores the document's text."""
+        budget (synchronous), stored in ``predictions`` (by the document's hash: also when the document itself is not
+        stored). ``persist`` stores the document (its text unless in hash-only mode)."""
         from kvcalib.calib.calibration.calibrate import predict
 
         config = self.validator.config(p)
@@ -62,12 +63,17 @@ class Budgets:
                 return predict(engine, resolved.text, config, predictor)
 
         pred = self.limiter.run(work)  # 429 past the concurrency cap, 503 past the time limit
+        version = pred.predictor_version or predictor.version
+        self.predictors.store(content_hash=resolved.content_hash, model=info.name, model_revision=info.revision,
+                              config=config, ratio=float(pred.ratio), token_budget=int(pred.token_budget),
+                              context_tokens=int(pred.context_tokens), predictor=predictor,
+                              predictor_version=version, features=pred.features)
         return BudgetView(source="predicted", document_hash=resolved.content_hash, model=info.name,
                           model_revision=info.revision, method=p.method, allocator=p.allocator,
                           tolerance=p.tolerance, ratio=float(pred.ratio), token_budget=int(pred.token_budget),
                           context_tokens=int(pred.context_tokens),
                           layer_budgets=[int(x) for x in pred.layer_budgets],
                           head_budgets=[[int(x) for x in row] for row in pred.head_budgets],
-                          profile_id=None, predictor_version=pred.predictor_version or predictor.version,
+                          profile_id=None, predictor_version=version,
                           document_id=resolved.row.id if resolved.row is not None else None,
                           features=repo.jsonable(pred.features))

@@ -1,5 +1,6 @@
 """Compression of a document's KV cache as a download: at an explicit ratio, else at the stored profile's budgets at
-τ, else at the predicted ratio (from the features of the same prefill), serialised as safetensors."""
+τ, else at the predicted ratio (from the features of the same prefill; stored in ``predictions``), serialised as
+safetensors."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ class Compressor:
         predicted ratio) and serialise it as safetensors (``kvcalib.calib.cache.export``)."""
         import torch
 
-        from kvcalib.calib.budget import select_topk
+        from kvcalib.calib.budget import Budget, select_topk
         from kvcalib.calib.cache.export import cache_to_safetensors
         from kvcalib.calib.cache.ragged import RaggedKVCache
         from kvcalib.calib.calibration.calibrate import budgets_at, featurize
@@ -59,6 +60,12 @@ class Compressor:
                     counts = torch.as_tensor(head_budgets, dtype=torch.long)  # (L, Hkv)
                 keep = select_topk(scores, counts)  # (L, Hkv, N) bool
                 cache = RaggedKVCache.from_mask(cap.keys, cap.values, keep)
+            if source == "predicted":
+                self.predictors.store(content_hash=resolved.content_hash, model=info.name,
+                                      model_revision=info.revision, config=config, ratio=ratio_,
+                                      token_budget=Budget(ratio=ratio_).per_head(int(cap.num_tokens)),
+                                      context_tokens=int(cap.num_tokens), predictor=predictor,
+                                      predictor_version=version, features=feats)
             meta = CompressionInfo(model=info.name, model_revision=info.revision, method=p.method,
                                    allocator=p.allocator, tolerance=p.tolerance, ratio=float(ratio_),
                                    budget_source=source, document_hash=resolved.content_hash, document_id=doc_id,

@@ -1,7 +1,8 @@
 """Stored documents: deletion with everything derived from them, and hash-only retention.
 
-``DELETE /documents/{id}`` removes the text, the runs (jobs), their curve points and batch items, and the profiles;
-a document with a queued or running job is refused (409) — deleting it under a worker would fail that job.
+``DELETE /documents/{id}`` removes the text, the runs (jobs), their curve points and batch items, the profiles and
+the stored predictions of its hash; a document with a queued or running job is refused (409) — deleting it under a
+worker would fail that job.
 
 With ``KVCALIB_STORE_DOCUMENT_TEXT=false`` a document is kept as its hash, size and token count: predictions and
 compressions never store the text; a full calibration stores it for its job (the worker reads it there) and it is
@@ -34,7 +35,8 @@ class Documents:
             h = doc.content_hash
             n = repo.delete_document(s, document_id=document_id)
         return DocumentDeletion(document_id=document_id, document_hash=h, runs=n["runs"], profiles=n["profiles"],
-                                curve_points=n["curve_points"], batch_items=n["batch_items"])
+                                curve_points=n["curve_points"], batch_items=n["batch_items"],
+                                predictions=n["predictions"])
 
     def forget_texts(self, document_id: int | None = None) -> int:
         """Hash-only mode: erase the texts no unfinished job needs (one document's, or all); 0 otherwise."""

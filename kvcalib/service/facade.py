@@ -5,7 +5,8 @@ thin (parse, call one method, serialise); ``Service`` composes small collaborato
 * ``Submitter`` (``submission.py``) — jobs and batches written and dispatched, retries, and the sweeper
   (``sweeper.py``) that dispatches again runs whose lease expired or whose message was lost;
 * ``StoreReader`` (``queries.py``) — job, batch and profile views; ``plots.curve_png`` — the curve of a profile;
-* ``Budgets`` (``budgets.py``) — stored and predicted budgets, with ``Predictors`` (``predictions.py``);
+* ``Budgets`` (``budgets.py``) — stored and predicted budgets, with ``Predictors`` (``predictions.py``: the predictor
+  of a request — configured, registered, shipped or the fallback — its registration, the stored predictions);
 * ``Compressor`` (``compress.py``) — the compressed KV cache download.
 
 Jobs are dispatched through a ``Dispatcher`` (``dispatch.py``) given at construction —
@@ -37,6 +38,9 @@ from kvcalib.service.views import (
     CompressedCache,
     DocumentDeletion,
     JobView,
+    PredictionView,
+    PredictorInfo,
+    PredictorListing,
     ProfileView,
     Readiness,
 )
@@ -147,6 +151,21 @@ class Service:
                          prefer_profile: bool = True) -> BudgetView:
         """A stored profile when the document is calibrated at τ, else the predictor's budget (synchronous)."""
         return self.budgets.predicted(doc, p, persist=persist, prefer_profile=prefer_profile)
+
+    # ------------------------------------------------------------------------------------------------ predictors
+    def predictor_listing(self) -> PredictorListing:
+        """Shipped, configured and registered predictors, and the one serving each model by default."""
+        return self.predictors.listing()
+
+    def register_predictor(self, document: Any, model: str | None = None) -> tuple[PredictorInfo, bool]:
+        """Register a predictor from its JSON object (422 with the reason when malformed); (its info, new)."""
+        return self.predictors.register(document, model)
+
+    def predictions(self, document_hash: str | None = None, model: str | None = None, method: str | None = None,
+                    allocator: str | None = None, limit: int = 100) -> list[PredictionView]:
+        """Stored predictions, newest first."""
+        return self.predictors.predictions(document_hash=document_hash, model=model, method=method,
+                                           allocator=allocator, limit=limit)
 
     # ------------------------------------------------------------------------------------------------ compress
     def compress(self, doc: DocumentInput, p: CalibrationParams, ratio: float | None = None) -> CompressedCache:

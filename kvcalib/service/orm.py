@@ -3,7 +3,8 @@ path: ``Base.metadata.create_all`` is never called by the service.
 
 Idempotency lives in unique constraints: a document is stored once per content hash, a calibration run once per
 (document, model, parameters hash), a curve point once per (run, ratio), a profile once per run, a batch item once
-per (batch, position). Optuna's tables (a later issue) share the database but are not part of this metadata.
+per (batch, position), a prediction once per (document hash, model, parameters, predictor). Optuna's tables (a
+later issue) share the database but are not part of this metadata.
 """
 
 from __future__ import annotations
@@ -168,13 +169,47 @@ class Profile(StoreTable):
 
 
 class Predictor(StoreTable):
+    """A predictor this deployment knows: served (``configured``: ``KVCALIB_PREDICTOR_PATH``; ``shipped``: package
+    data, recorded when first served) or registered through ``POST /predictors`` (``registered``: its JSON file in
+    ``artefact``). ``model`` binds it to one model (None: any); ``training_config`` is its ``training_config()``
+    (method, allocator, τ), read to choose a predictor without loading every candidate."""
+
     __tablename__ = "predictors"
 
     version: Mapped[str] = mapped_column(String(100), unique=True)
     kind: Mapped[str | None] = mapped_column(String(100), nullable=True)
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     artefact_path: Mapped[str | None] = mapped_column(String(1000), nullable=True)
-    artefact: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)  # zipped folder, optional
+    artefact: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)  # the predictor's JSON file, optional
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow,
+                                                    server_default=func.now())
+    source: Mapped[str | None] = mapped_column(String(16), nullable=True)  # configured | registered | shipped
+    model: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    training_config: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+
+
+class Prediction(StoreTable):
+    """A predicted budget, stored once per (document hash, model and revision, parameters, predictor version). Keyed
+    by the document's hash, not its row: predictions of documents that are not stored (``POST /budget``) are kept
+    too, and never their text."""
+
+    __tablename__ = "predictions"
+    __table_args__ = (UniqueConstraint("content_hash", "model", "model_revision", "method", "allocator", "tolerance",
+                                       "params_hash", "predictor_version", name="uq_predictions_key"),)
+
+    content_hash: Mapped[str] = mapped_column(String(64))
+    model: Mapped[str] = mapped_column(String(200))
+    model_revision: Mapped[str] = mapped_column(String(64))
+    method: Mapped[str] = mapped_column(String(100))
+    allocator: Mapped[str] = mapped_column(String(100))
+    tolerance: Mapped[float] = mapped_column(Float)
+    params_hash: Mapped[str] = mapped_column(String(64))  # CalibrationConfig.params_hash(): method parameters too
+    ratio: Mapped[float] = mapped_column(Float)
+    token_budget: Mapped[int] = mapped_column(Integer)
+    context_tokens: Mapped[int] = mapped_column(Integer)
+    predictor_version: Mapped[str] = mapped_column(String(100))
+    predictor_kind: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    features: Mapped[dict[str, Any]] = mapped_column(JSON)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow,
                                                     server_default=func.now())
 

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
 from sqlalchemy import Connection, func, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, defer
 
 from kvcalib.service.orm import (
     Batch,
@@ -21,6 +21,7 @@ from kvcalib.service.orm import (
     CurvePoint,
     Document,
     Model,
+    Prediction,
     Predictor,
     Profile,
     RunStatus,
@@ -97,13 +98,15 @@ def unfinished_runs_of_document(s: Session, *, document_id: int) -> list[int]:
 
 def delete_document(s: Session, *, document_id: int) -> dict[str, int]:
     """Delete a document with everything derived from it: its runs (jobs), their curve points and batch items,
-    its profiles. Explicit deletes child-first (the foreign keys also cascade). Returns the rows deleted per
-    table."""
+    its profiles, the predictions of its hash. Explicit deletes child-first (the foreign keys also cascade). Returns
+    the rows deleted per table."""
     from sqlalchemy import delete
 
     runs = select(CalibrationRun.id).where(CalibrationRun.document_id == document_id).scalar_subquery()
+    content_hash = select(Document.content_hash).where(Document.id == document_id).scalar_subquery()
     counts = {}
     for name, stmt in (
+        ("predictions", delete(Prediction).where(Prediction.content_hash == content_hash)),
         ("batch_items", delete(BatchItem).where(BatchItem.run_id.in_(runs))),
         ("curve_points", delete(CurvePoint).where(CurvePoint.run_id.in_(runs))),
         ("profiles", delete(Profile).where(Profile.document_id == document_id)),
@@ -347,16 +350,80 @@ def batch_rows(s: Session, *, batch_id: int) -> list[tuple[int, int, str, float,
 
 
 # ---------------------------------------------------------------------------------------------------- predictors
+def add_predictor(s: Session, *, version: str, metrics: dict, artefact_path: str | None, kind: str | None = None,
+                  artefact: bytes | None = None, source: str | None = None, model: str | None = None,
+                  training_config: dict | None = None) -> tuple[Predictor, bool]:
+    """Record a predictor once per version; returns (its row, whether this call inserted it). A version recorded
+    before keeps its row (its source, model and artefact) unchanged."""
+    inserted = insert_ignore(s, table=Predictor, values={
+        "version": version, "metrics": jsonable(metrics), "artefact_path": artefact_path, "kind": kind,
+        "artefact": artefact, "source": source, "model": model,
+        "training_config": jsonable(training_config) if training_config is not None else None,
+        "created_at": utcnow()}, conflict=["version"])
+    return s.scalars(select(Predictor).where(Predictor.version == version)).one(), inserted == 1
+
+
 def register_predictor(s: Session, *, version: str, metrics: dict, artefact_path: str | None,
-                       kind: str | None = None, artefact: bytes | None = None) -> Predictor:
-    insert_ignore(s, table=Predictor, values={"version": version, "metrics": jsonable(metrics),
-                                              "artefact_path": artefact_path, "kind": kind, "artefact": artefact,
-                                              "created_at": utcnow()}, conflict=["version"])
-    return s.scalars(select(Predictor).where(Predictor.version == version)).one()
+                       kind: str | None = None, artefact: bytes | None = None, source: str | None = None,
+                       model: str | None = None, training_config: dict | None = None) -> Predictor:
+    return add_predictor(s, version=version, metrics=metrics, artefact_path=artefact_path, kind=kind,
+                         artefact=artefact, source=source, model=model, training_config=training_config)[0]
 
 
 def latest_predictor(s: Session) -> Predictor | None:
     return s.scalars(select(Predictor).order_by(Predictor.created_at.desc(), Predictor.id.desc()).limit(1)).first()
+
+
+SHIPPED_SOURCE = "shipped"
+
+
+def predictor_candidates(s: Session, *, model: str, limit: int = 50) -> list[Predictor]:
+    """The stored predictors that may answer a request for ``model``, newest first: registered and configured ones
+    (rows from before sources were recorded included) bound to that model or to none. Shipped ones are package data,
+    chosen after these."""
+    from sqlalchemy import or_
+
+    q = (select(Predictor).options(defer(Predictor.artefact))  # read by the chosen one only
+         .where(or_(Predictor.source.is_(None), Predictor.source != SHIPPED_SOURCE),
+                or_(Predictor.model.is_(None), Predictor.model == model))
+         .order_by(Predictor.created_at.desc(), Predictor.id.desc()).limit(limit))
+    return list(s.scalars(q))
+
+
+def list_predictors(s: Session, *, limit: int = 1000) -> list[Predictor]:
+    """Every recorded predictor, newest first."""
+    q = select(Predictor).options(defer(Predictor.artefact)).order_by(Predictor.created_at.desc(),
+                                                                      Predictor.id.desc())
+    return list(s.scalars(q.limit(limit)))
+
+
+# ---------------------------------------------------------------------------------------------------- predictions
+PREDICTION_KEY = ("content_hash", "model", "model_revision", "method", "allocator", "tolerance", "params_hash",
+                  "predictor_version")
+
+
+def save_prediction(s: Session, *, content_hash: str, model: str, model_revision: str, method: str, allocator: str,
+                    tolerance: float, params_hash: str, ratio: float, token_budget: int, context_tokens: int,
+                    predictor_version: str, predictor_kind: str | None, features: dict[str, Any] | None) -> bool:
+    """Store a predicted budget once per (document hash, model, revision, method, allocator, τ, parameters hash,
+    predictor version): the same prediction asked again writes nothing. Returns whether this call stored it."""
+    return insert_ignore(s, table=Prediction, values={
+        "content_hash": content_hash, "model": model, "model_revision": model_revision, "method": method,
+        "allocator": allocator, "tolerance": float(tolerance), "params_hash": params_hash, "ratio": float(ratio),
+        "token_budget": int(token_budget), "context_tokens": int(context_tokens),
+        "predictor_version": predictor_version, "predictor_kind": predictor_kind,
+        "features": jsonable(features or {}), "created_at": utcnow()}, conflict=PREDICTION_KEY) == 1
+
+
+def list_predictions(s: Session, *, content_hash: str | None = None, model: str | None = None,
+                     method: str | None = None, allocator: str | None = None, limit: int = 100) -> list[Prediction]:
+    """Stored predictions, newest first, optionally of one document hash, model, method or allocator."""
+    q = select(Prediction)
+    for column, value in ((Prediction.content_hash, content_hash), (Prediction.model, model),
+                          (Prediction.method, method), (Prediction.allocator, allocator)):
+        if value is not None:
+            q = q.where(column == value)
+    return list(s.scalars(q.order_by(Prediction.created_at.desc(), Prediction.id.desc()).limit(limit)))
 
 
 def stale_before(*, seconds: float) -> dt.datetime:

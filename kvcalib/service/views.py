@@ -10,10 +10,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from kvcalib.service.orm import Batch, CalibrationRun, CurvePoint, Profile, RunStatus
+from kvcalib.service.orm import Batch, CalibrationRun, CurvePoint, Prediction, Profile, RunStatus
 
 BudgetSource = Literal["profile", "predicted"]
 CompressSource = Literal["ratio", "profile", "predicted"]
+PredictorSource = Literal["shipped", "configured", "registered"]
 
 
 @dataclass(frozen=True)
@@ -245,3 +246,55 @@ class DocumentDeletion:
     profiles: int
     curve_points: int
     batch_items: int
+    predictions: int = 0  # stored predictions of its hash
+
+
+@dataclass(frozen=True)
+class PredictorInfo:
+    """A predictor the service knows (``GET /predictors``): shipped with the package, configured
+    (``KVCALIB_PREDICTOR_PATH``) or registered (``POST /predictors``, or recorded when served)."""
+
+    name: str | None  # the manifest entry of a shipped or configured folder
+    version: str
+    kind: str | None
+    model: str | None  # the model it answers for (None: any)
+    source: PredictorSource
+    training_config: dict[str, Any]
+    metrics: dict[str, Any]
+    default: bool  # what a request for its model at the service's default method, allocator and τ is served by
+    created_at: dt.datetime | None = None  # when it was recorded in the store
+
+
+@dataclass(frozen=True)
+class PredictorListing:
+    predictors: list[PredictorInfo]
+    defaults: dict[str, str]  # model → the predictor version served at the default method, allocator and τ
+
+
+@dataclass(frozen=True)
+class PredictionView:
+    """A stored prediction (``GET /predictions``)."""
+
+    id: int
+    document_hash: str
+    model: str
+    model_revision: str
+    method: str
+    allocator: str
+    tolerance: float
+    params_hash: str
+    ratio: float
+    token_budget: int
+    context_tokens: int
+    predictor_version: str
+    predictor_kind: str | None
+    features: dict[str, Any]
+    created_at: dt.datetime
+
+    @classmethod
+    def of(cls, p: Prediction) -> PredictionView:
+        return cls(id=p.id, document_hash=p.content_hash, model=p.model, model_revision=p.model_revision,
+                   method=p.method, allocator=p.allocator, tolerance=p.tolerance, params_hash=p.params_hash,
+                   ratio=p.ratio, token_budget=p.token_budget, context_tokens=p.context_tokens,
+                   predictor_version=p.predictor_version, predictor_kind=p.predictor_kind, features=p.features,
+                   created_at=p.created_at)

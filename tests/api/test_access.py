@@ -106,7 +106,8 @@ def test_delete_document_removes_text_profiles_and_runs_hash_only_mode(tmp_path,
         r = c.delete(f"/documents/{job['document_id']}")
         assert r.status_code == 200, r.text
         assert r.json() == {"document_id": job["document_id"], "document_hash": content_hash(texts[0]), "runs": 1,
-                            "profiles": 1, "curve_points": len(FAST_OPTIONS["ratios"]), "batch_items": 0}
+                            "profiles": 1, "curve_points": len(FAST_OPTIONS["ratios"]), "batch_items": 0,
+                            "predictions": 0}
         assert c.get(f"/jobs/{job['id']}").status_code == 404
         assert c.get(f"/profiles/{profile_id}").status_code == 404
         assert c.get("/budget", params={"document_hash": content_hash(texts[0])}).status_code == 404
@@ -142,7 +143,9 @@ def test_metrics_labels_are_bounded_and_domain_metrics_exported(tmp_path, engine
         for i in range(50):  # random paths: no series per path
             c.get(f"/nowhere/{i}")
         text = "The harbour committee met on Tuesday evening to discuss the new pier and its costs."
-        assert c.post("/calibrate", json={"mode": "predict", "text": text}).status_code == 200
+        r = c.post("/calibrate", json={"mode": "predict", "text": text})
+        assert r.status_code == 200
+        kind = "fallback" if r.json()["predictor_version"].startswith("fallback") else "trained"  # shipped or not
         assert c.post("/calibrate", json={"mode": "compress", "text": text, "ratio": 0.5}).status_code == 200
         with app.state.service.db.session() as s:  # one stored profile, as a worker would write it
             from types import SimpleNamespace
@@ -163,7 +166,7 @@ def test_metrics_labels_are_bounded_and_domain_metrics_exported(tmp_path, engine
     assert "process_resident_memory_bytes" in text and "python_gc_objects_collected_total" in text
     assert 'kvcalib_budget_answers_total{route="/calibrate",source="predicted"} 1.0' in text
     assert 'kvcalib_budget_answers_total{route="/calibrate",source="ratio"} 1.0' in text
-    assert 'kvcalib_predictions_total{predictor="fallback"} 1.0' in text
+    assert f'kvcalib_predictions_total{{predictor="{kind}"}} 1.0' in text
     assert "kvcalib_predicted_ratio_count 1.0" in text
     assert 'kvcalib_profile_r_star_bucket{le="0.4"} 0.0' in text
     assert 'kvcalib_profile_r_star_bucket{le="0.45"} 1.0' in text

@@ -9,7 +9,7 @@ import json
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.support import FAST_OPTIONS, isolated_settings, short_documents, wait_for
+from tests.support import FAST_OPTIONS, isolated_settings, shipped_predictors, short_documents, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -21,14 +21,17 @@ def docs(tokenizer):
 
 @pytest.fixture(scope="module")
 def embedded(tmp_path_factory, engine):
+    """The embedded service with no shipped predictor (the fallback is tested here; the shipped default in
+    test_predictors.py)."""
     from kvcalib.api.app import create_app
 
     data_dir = tmp_path_factory.mktemp("embedded")
     s = isolated_settings(data_dir)
-    app = create_app(s)
-    with TestClient(app) as client:
-        client.settings = s
-        yield client
+    with shipped_predictors(tmp_path_factory.mktemp("nothing-ships")):
+        app = create_app(s)
+        with TestClient(app) as client:
+            client.settings = s
+            yield client
 
 
 def full(client, text, **extra):

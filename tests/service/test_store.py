@@ -167,7 +167,7 @@ def test_delete_document_removes_everything_derived_from_it(db):
         kept_doc = repo.get_run(s, run_id=kept).document_id
         assert repo.unfinished_runs_of_document(s, document_id=doc_id) == sorted([gone, gone2])
         counts = repo.delete_document(s, document_id=doc_id)
-    assert counts == {"batch_items": 2, "curve_points": 3, "profiles": 1, "runs": 2, "documents": 1}
+    assert counts == {"batch_items": 2, "curve_points": 3, "profiles": 1, "runs": 2, "documents": 1, "predictions": 0}
     with db.session() as s:
         assert repo.get_document(s, document_id=doc_id) is None
         assert repo.get_run(s, run_id=gone) is None and repo.get_run(s, run_id=gone2) is None
