@@ -11,7 +11,7 @@ import numpy as np
 TAUS = (0.8, 0.85, 0.9, 0.95, 0.98)
 
 
-def read_records(path, doc_min_confidence: float = 0.5) -> list[dict]:
+def read_records(path, doc_min_confidence: float | None = None) -> list[dict]:
     """Truth records re-counted with the document-question confidence gate
     (``calibration.truth_labels.read_truth_labels``)."""
     from kvcalib.calib.calibration.truth_labels import read_truth_labels

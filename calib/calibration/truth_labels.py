@@ -4,7 +4,7 @@ predictors, which fit on the rows read here."""
 
 from __future__ import annotations
 
-from kvcalib.calib.calibration.truth import rescore
+from kvcalib.calib.calibration.truth import DOC_MIN_CONFIDENCE, rescore
 from kvcalib.calib.errors import KvcalibError
 
 
@@ -12,7 +12,7 @@ class TruthLabelError(KvcalibError):
     """A truth-label file that cannot be read as truth records."""
 
 
-def read_truth_labels(path, doc_min_confidence: float = 0.5) -> list[dict]:
+def read_truth_labels(path, doc_min_confidence: float | None = None) -> list[dict]:
     """Truth records (JSONL, ``calibration.suite.truth_record``) re-counted with the document-question confidence
     gate (``calibration.truth.rescore``); documents without a counted answer carry no information and are left out."""
     import json
@@ -28,7 +28,7 @@ def read_truth_labels(path, doc_min_confidence: float = 0.5) -> list[dict]:
             raise TruthLabelError(f"{path}:{i}: not JSON ({exc.msg})") from None
         if not isinstance(r, dict) or "truth" not in r or "features" not in r:
             raise TruthLabelError(f"{path}:{i}: not a truth record (written by benchmarks/calibration_truth.py)")
-        rows.append(rescore(r, doc_min_confidence))
+        rows.append(rescore(r, DOC_MIN_CONFIDENCE if doc_min_confidence is None else doc_min_confidence))
     last = {(r.get("id") or r.get("content_hash"), r.get("params_hash")): r for r in rows}  # a re-run's record wins
     return [r for r in last.values() if r["n_counted"] > 0]
 
