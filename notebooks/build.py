@@ -194,7 +194,7 @@ else:
     storage = sw.make_storage(f"sqlite:///{tmp}/sweep.db")
     spec = sw.SweepSpec(model="smollm2-135m", method="snapkv", allocator="uniform", documents=docs[:SWEEP_DOCS],
                         ratios=RATIOS, tolerance=TAU, n_probes=N_PROBES, holdout_probes=max(1, N_PROBES // 2),
-                        population_size=max(4, SWEEP_TRIALS // 3))
+                        population_size=max(4, SWEEP_TRIALS // 3), objective="reconstruction")
     study_name = sw.study_name(spec.model, spec.method, spec.allocator, "notebook")
     sw.open_study(spec, study_name, storage)
     done, failed = sw.run_inprocess(study_name, SWEEP_TRIALS, storage=storage, load_engine=lambda _: engine)

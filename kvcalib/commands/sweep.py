@@ -27,6 +27,13 @@ ModelOpt = Annotated[str | None, typer.Option("--model", help="Registry model (d
 DbOpt = Annotated[str | None, typer.Option("--database-url", help="Storage (default KVCALIB_DATABASE_URL / the "
                                                                     "embedded SQLite file).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+ObjectiveOpt = Annotated[str | None, typer.Option(
+    "--objective", help="truth: mean recommended ratio vs realised answer loss on task-truth documents (new "
+                        "studies' default); reconstruction: mean r* vs held-out reconstruction-fidelity loss (the "
+                        "historical objective; its studies keep the name without a truth-<fidelity> part).")]
+FidelityOpt = Annotated[str | None, typer.Option(
+    "--fidelity", help="Label-free fidelity the calibration uses (truth objective; part of the study name): "
+                       "reconstruction (default), kl, salient, keytoken, self_answer, self_prob.")]
 
 
 def _settings(**overrides):
@@ -41,15 +48,40 @@ def _storage(s, heartbeat: bool = True):
     return make_storage(s.db_url, heartbeat=heartbeat, settings=s)
 
 
+def _objective(objective: str | None) -> str:
+    from kvcalib.sweep.spec import OBJECTIVES
+
+    objective = "truth" if objective is None else objective
+    if objective not in OBJECTIVES:
+        fail(f"--objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+    return objective
+
+
 def _name(study: str | None, model: str | None, method: str | None, allocator: str | None, suffix: str | None,
-          s) -> str:
+          s, objective: str | None = None, fidelity: str | None = None) -> str:
+    """The study's name: ``--study``, else derived from (model, method, allocator), and for a truth study (the
+    default objective) the fidelity, plus ``--suffix``."""
     from kvcalib.sweep.spec import study_name
 
     if study:
         if suffix:
             fail("give either --study or --suffix, not both")
         return study
-    return study_name(model or s.default_model, method or s.default_method, allocator or s.default_allocator, suffix)
+    objective = _objective(objective)
+    return study_name(model or s.default_model, method or s.default_method, allocator or s.default_allocator, suffix,
+                      objective=objective, fidelity=fidelity)
+
+
+def _questions(text: str | None) -> tuple[int, int, int, int] | None:
+    if text is None:
+        return None
+    try:
+        q = tuple(int(x) for x in text.replace(" ", "").split(","))
+    except ValueError:
+        q = ()
+    if len(q) != 4:
+        fail(f"--questions must be four integers NEEDLES,KV_PAIRS,MULTI_VALUES,DOC_QUESTIONS, got {text!r}")
+    return q
 
 
 def _ratios(text: str | None) -> tuple[float, ...] | None:
@@ -87,7 +119,8 @@ def run(
                                                        "0.1,...,0.9,0.95).")] = None,
     tolerance: Annotated[float | None, typer.Option(help="τ (default KVCALIB_DEFAULT_TOLERANCE).")] = None,
     probes: Annotated[int | None, typer.Option(help="Calibration probes per document (default 4).")] = None,
-    holdout_probes: Annotated[int | None, typer.Option(help="Held-out probes re-checking r* (default 2).")] = None,
+    holdout_probes: Annotated[int | None, typer.Option(help="Held-out probes re-checking r* (reconstruction "
+                                                             "objective; default 2).")] = None,
     probe_tokens: Annotated[int | None, typer.Option(help="Target tokens per probe (default 12).")] = None,
     cue_tokens: Annotated[int | None, typer.Option(help="Cue tokens per probe (default 8).")] = None,
     max_docs: Annotated[int, typer.Option(help="Documents taken from the corpus.")] = 8,
@@ -95,6 +128,12 @@ def run(
     = "256:512",
     population: Annotated[int, typer.Option(help="NSGA-II population size.")] = 16,
     seed: Annotated[int | None, typer.Option(help="Probe seed (default 0).")] = None,
+    objective: ObjectiveOpt = None,
+    fidelity: FidelityOpt = None,
+    questions: Annotated[str | None, typer.Option(help="Truth objective: items per document, NEEDLES,KV_PAIRS,"
+                                                          "MULTI_VALUES,DOC_QUESTIONS (default 4,4,0,2).")] = None,
+    question_seed: Annotated[int | None, typer.Option(help="Truth objective: base seed of the documents' "
+                                                              "questions (default 0).")] = None,
     broker: Annotated[bool | None, typer.Option("--broker/--in-process", help="Run trials on the Celery workers "
                                                    "(default when KVCALIB_BROKER_URL is set) or in this process.")]
     = None,
@@ -104,7 +143,7 @@ def run(
     database_url: DbOpt = None,
     as_json: JsonOpt = False,
 ):
-    """Create or resume the study of (model, method, allocator) and run TRIALS more trials."""
+    """Create or resume the study of (model, method, allocator[, fidelity]) and run TRIALS more trials."""
     from tqdm import tqdm
 
     from kvcalib import sweep as sw
@@ -113,15 +152,18 @@ def run(
     use_broker = bool(s.broker_url) if broker is None else broker
     if use_broker and not s.broker_url:
         fail("--broker needs KVCALIB_BROKER_URL (or run --in-process)")
-    name = _name(study, model, method, allocator, suffix, s)
+    name = _name(study, model, method, allocator, suffix, s, objective, fidelity)
     storage = _storage(s)
     lo, hi = _doc_tokens(doc_tokens)
     given = {"model": model, "method": method, "allocator": allocator, "ratios": _ratios(ratios),
              "tolerance": tolerance, "n_probes": probes, "holdout_probes": holdout_probes,
-             "probe_tokens": probe_tokens, "cue_tokens": cue_tokens, "seed": seed}
+             "probe_tokens": probe_tokens, "cue_tokens": cue_tokens, "seed": seed, "objective": objective,
+             "fidelity": fidelity, "questions": _questions(questions), "question_seed": question_seed}
     existing = {x["study"] for x in sw.list_studies(storage)}
     spec = None
     if name not in existing:
+        if _objective(objective) == "truth" and holdout_probes is not None:
+            fail("--holdout-probes belongs to the reconstruction objective (a truth study checks answers instead)")
         from kvcalib.service.runtime import model_info
 
         mth, alloc = method or s.default_method, allocator or s.default_allocator
@@ -132,9 +174,10 @@ def run(
         spec = sw.SweepSpec(model=mdl, method=mth, allocator=alloc,
                             documents=docs, population_size=population,
                             tolerance=s.default_tolerance if tolerance is None else tolerance,
-                            corpus_source=str(corpus) if corpus else "essays",
+                            corpus_source=str(corpus) if corpus else "essays", objective=_objective(objective),
                             **{k: v for k, v in given.items()
-                               if v is not None and k not in ("model", "method", "allocator", "tolerance")})
+                               if v is not None and k not in ("model", "method", "allocator", "tolerance",
+                                                              "objective")})
     elif corpus is not None:
         from kvcalib.service.runtime import model_info
 
@@ -147,13 +190,17 @@ def run(
         if out.get("status") == "complete":
             bar.update(1)
             v = out.get("values") or [float("nan")] * 2
-            bar.set_postfix(r_star=f"{v[0]:.3f}", loss=f"{v[1]:.3f}")
+            vr = out.get("violation_rate")
+            bar.set_postfix(r_star=f"{v[0]:.3f}", loss=f"{v[1]:.3f}",
+                            **({"violations": f"{vr:.2f}"} if isinstance(vr, float) else {}))
         else:
             bar.write(f"trial {out.get('trial', '?')} failed: {out.get('error', out.get('status'))}")
 
     if not as_json:
         where = f"the Celery workers of queue {queue or s.queue!r}" if use_broker else "this process"
-        console.print(f"[dim]study {name!r} ({'new' if spec else 'resumed'}), trials on {where}[/]")
+        kind = spec.objective if spec else sw.spec_of(sw.load_study(name, storage)).objective
+        console.print(f"[dim]study {name!r} ({'new' if spec else 'resumed'}, {kind} objective), trials on "
+                      f"{where}[/]")
     runner = None
     if use_broker:
         from kvcalib.worker.sweep_tasks import run_with_broker as runner
@@ -175,7 +222,8 @@ def run(
     console.print(f"{rep.completed} trial(s) completed, {rep.failed} failed"
                   + (f", {rep.pending} still queued" if rep.pending else "")
                   + f" in {rep.seconds:.1f}s; the study holds {rep.n_trials_total} trial(s)")
-    _print_rows(sw.trial_rows(sw.load_study(name, storage)), f"Pareto front of {name}")
+    st = sw.load_study(name, storage)
+    _print_rows(sw.trial_rows(st), f"Pareto front of {name}", sw.spec_of(st).objective)
     if rep.completed == 0 and trials > 0:
         raise typer.Exit(1)
 
@@ -184,16 +232,18 @@ def _fmt(v) -> str:
     return "-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
-def _print_rows(rows: list[dict], title: str) -> None:
+def _print_rows(rows: list[dict], title: str, objective: str = "reconstruction") -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table("trial", "mean r*", "fidelity loss", "violation rate", "pareto", "parameters", title=title)
+    truth = objective == "truth"
+    cols = ["trial", "mean r*", "answer loss" if truth else "fidelity loss", "violation rate"]
+    table = Table(*cols, *(["mean r*_task"] if truth else []), "pareto", "parameters", title=title)
     for r in rows:
         params = ", ".join(f"{k}={_fmt(v)}" for k, v in r["params"].items())
         table.add_row(str(r["trial"]) + (" (defaults)" if r["baseline"] else ""), _fmt(r["r_star_mean"]),
-                      _fmt(r["fidelity_loss"]), _fmt(r["violation_rate"]), "yes" if r["pareto"] else "",
-                      params)
+                      _fmt(r["loss"]), _fmt(r["violation_rate"]),
+                      *([_fmt(r.get("r_star_task_mean"))] if truth else []), "yes" if r["pareto"] else "", params)
     Console().print(table)
 
 
@@ -206,24 +256,28 @@ def show(
     allocator: AllocOpt = None,
     model: ModelOpt = None,
     suffix: SuffixOpt = None,
+    objective: ObjectiveOpt = None,
+    fidelity: FidelityOpt = None,
     all_trials: Annotated[bool, typer.Option("--all", help="Every completed trial, not just the Pareto front.")]
     = False,
     database_url: DbOpt = None,
     as_json: JsonOpt = False,
 ):
-    """Print a study's Pareto front (mean r* up, fidelity loss down)."""
+    """Print a study's Pareto front (mean r* up, loss down: answer loss of a truth study, fidelity loss of a
+    reconstruction one)."""
     from kvcalib import sweep as sw
 
     s = _settings(database_url=database_url)
-    name = _name(study_arg, model, method, allocator, suffix, s)
+    name = _name(study_arg, model, method, allocator, suffix, s, objective, fidelity)
     st = sw.load_study(name, _storage(s))
+    spec = sw.spec_of(st)
     rows = sw.trial_rows(st, pareto_only=not all_trials)
     if as_json:
         emit_json({"study": name, "study_id": st._study_id, "n_trials": len(st.trials),
-                   "spec": sw.spec_of(st).summary(), "trials" if all_trials else "pareto": rows})
+                   "spec": spec.summary(), "trials" if all_trials else "pareto": rows})
         return
     _print_rows(rows, f"{'Completed trials' if all_trials else 'Pareto front'} of {name} "
-                      f"({len(st.trials)} trials)")
+                      f"({len(st.trials)} trials)", spec.objective)
 
 
 @sweep_app.command("list")
@@ -250,8 +304,10 @@ def list_(database_url: DbOpt = None, as_json: JsonOpt = False):
 def promote(
     study_arg: Annotated[str, typer.Argument(metavar="STUDY", help="Study name.")],
     trial: Annotated[int | None, typer.Option(help="Promote this trial (default: see --max-loss).")] = None,
-    max_loss: Annotated[float, typer.Option(help="Pick the Pareto trial with the largest mean r* whose fidelity "
-                                                 "loss is at most this (else the smallest loss).")] = 0.0,
+    max_loss: Annotated[float | None, typer.Option(help="Pick the Pareto trial with the largest mean r* whose loss "
+                                                        "is at most this (else the smallest loss); default 0.05 "
+                                                        "(answer loss) for a truth study, 0 (fidelity loss) for "
+                                                        "a reconstruction one.")] = None,
     database_url: DbOpt = None,
     as_json: JsonOpt = False,
 ):
@@ -267,7 +323,7 @@ def promote(
                   f"{entry['method_params']}"
                   + (f", allocator {entry['allocator']} {entry['allocator_params']}" if entry["allocator_params"]
                      else "")
-                  + f" (mean r* {entry['values']['r_star_mean']:.3f}, loss {entry['values']['fidelity_loss']:.4f})"
+                  + " (" + ", ".join(f"{k} {v:.4f}" for k, v in entry["values"].items()) + ")"
                   + f" -> {sw.promoted_path(s.data_dir)}")
 
 

@@ -9,7 +9,7 @@ import warnings
 
 from kvcalib.sweep.errors import SweepError
 from kvcalib.sweep.space import default_params, search_space
-from kvcalib.sweep.spec import DIRECTIONS, OBJECTIVE_NAMES, SweepSpec, corpus_hash
+from kvcalib.sweep.spec import DIRECTIONS, SweepSpec, corpus_hash
 from kvcalib.sweep.storage import make_storage
 
 log = logging.getLogger("kvcalib.sweep")
@@ -65,6 +65,8 @@ def _differences(stored: SweepSpec, given: dict) -> list[str]:
         sv = getattr(stored, k, None)
         if k == "ratios":
             v, sv = tuple(sorted(float(x) for x in v)), tuple(sv)
+        elif k == "questions":
+            v, sv = tuple(int(x) for x in v), tuple(sv)
         if sv != v:
             diff.append(f"{k} ({v!r} given, {sv!r} stored)")
     return diff
@@ -110,7 +112,7 @@ def open_study(spec: SweepSpec | None, name: str, storage=None, given: dict | No
 def _init_study(study, spec: SweepSpec, storage) -> None:
     space = search_space(spec.method, spec.allocator)
     storage.set_study_system_attr(study._study_id, SPEC_ATTR, spec.to_dict())
-    study.set_metric_names(list(OBJECTIVE_NAMES))
+    study.set_metric_names(list(spec.objective_names))
     for k, v in spec.summary().items():
         study.set_user_attr(k, v)
     study.set_user_attr("search_space", {k: repr(v) for k, v in space.items()})
@@ -128,6 +130,8 @@ def list_studies(storage=None) -> list[dict]:
         out.append({"study": s.study_name, "study_id": s._study_id, "n_trials": s.n_trials,
                     "method": s.user_attrs.get("method"), "allocator": s.user_attrs.get("allocator"),
                     "model": s.user_attrs.get("model"),
+                    "objective": s.user_attrs.get("objective", "reconstruction"),
+                    "fidelity": s.user_attrs.get("fidelity"),
                     "created": s.datetime_start.isoformat() if s.datetime_start else None})
     return out
 

@@ -1,4 +1,5 @@
-"""One trial: ask the study for parameters → calibrate the corpus (``evaluate_params``) → tell the objectives.
+"""One trial: ask the study for parameters → calibrate the corpus (``evaluate_truth_params`` for a truth study,
+``evaluate_params`` for a reconstruction one) → tell the objectives.
 
 Idempotent per task token; sends the trial's heartbeats while it runs (a dead worker's trial goes stale and is
 retried with the same parameters, see ``storage.make_storage``)."""
@@ -13,7 +14,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
-from kvcalib.sweep.evaluation import TrialMetrics, evaluate_params
+from kvcalib.sweep.evaluation import TrialMetrics, TruthMetrics, evaluate_params, evaluate_truth_params
 from kvcalib.sweep.space import search_space, split_params
 from kvcalib.sweep.storage import make_storage
 from kvcalib.sweep.studies import load_study, reap_stale, spec_of
@@ -61,9 +62,14 @@ def _fail_dead_delivery(study, storage, prior) -> None:
         pass
 
 
+def _evaluation(spec) -> Callable[..., TrialMetrics | TruthMetrics]:
+    """The evaluation of the study's objective (looked up here at call time: tests replace these names)."""
+    return evaluate_truth_params if spec.objective == "truth" else evaluate_params
+
+
 def run_trial(study_name: str, token: str | None = None, *, storage=None,
               load_engine: Callable[[str], Any] | None = None,
-              evaluate: Callable[..., TrialMetrics] | None = None) -> dict:
+              evaluate: Callable[..., TrialMetrics | TruthMetrics] | None = None) -> dict:
     """ask → calibrate the corpus → tell, for one trial of ``study_name``. Idempotent per ``token``: a task
     delivered twice (worker lost after telling) reports the first delivery's trial instead of adding one; a trial
     left RUNNING by a dead delivery of the same token is failed (and re-enqueued by the retry callback) first."""
@@ -92,7 +98,7 @@ def run_trial(study_name: str, token: str | None = None, *, storage=None,
     hb.start()
     try:
         engine = (load_engine or _default_engine)(spec.model)
-        metrics = (evaluate or evaluate_params)(engine, spec, mp, ap)
+        metrics = (evaluate or _evaluation(spec))(engine, spec, mp, ap)
     except BaseException as exc:
         hb.join()
         err = f"{type(exc).__name__}: {exc}"[:2000]
@@ -115,4 +121,5 @@ def run_trial(study_name: str, token: str | None = None, *, storage=None,
                 "params": params}
     study.tell(trial, values)
     return {"status": "complete", "trial": trial.number, "token": token, "values": values, "params": params,
-            "violation_rate": metrics.violation_rate, "seconds": round(metrics.seconds, 3)}
+            "objective": spec.objective, "violation_rate": metrics.violation_rate,
+            "seconds": round(metrics.seconds, 3)}

@@ -59,7 +59,9 @@ def fresh_settings():
 
 
 def tiny_spec(**kw):
-    base = dict(method="snapkv", allocator="uniform", documents=["one doc", "another doc"], population_size=4)
+    """A reconstruction-objective spec (the fake evaluator's metrics; the truth objective: test_sweep_truth.py)."""
+    base = dict(method="snapkv", allocator="uniform", documents=["one doc", "another doc"], population_size=4,
+                objective="reconstruction")
     base.update(kw)
     return sw.SweepSpec(**base)
 
@@ -266,24 +268,25 @@ def test_cli_in_process_run_show_list_promote_and_errors(sqlite_url, tmp_path, m
     (corpus / "a.txt").write_text("\n".join(f"Line {i} of a short essay about sweeping." for i in range(60)))
     runner = CliRunner()
     base = ["sweep", "run", "-m", "compactor", "--corpus", str(corpus), "--doc-tokens", "40:120", "--suffix", "cli",
-            "--in-process"]
+            "--in-process", "--objective", "reconstruction"]
     res = runner.invoke(app, base + ["--trials", "3"])
     assert res.exit_code == 0, res.output
     assert "3 trial(s) completed" in res.output and "Pareto front of kvcalib:smollm2-135m:compactor:adakv:cli" in \
         res.output  # the service's default allocator
     res = runner.invoke(app, ["sweep", "run", "-m", "compactor", "--suffix", "cli", "--trials", "1", "--in-process",
-                              "--tolerance", "0.9"])
+                              "--tolerance", "0.9", "--objective", "reconstruction"])
     said = " ".join(res.output.split())  # the console wraps long messages
     assert res.exit_code == 2 and "different setup" in said and "tolerance" in said
     res = runner.invoke(app, ["sweep", "run", "-m", "compactor", "--suffix", "cli", "--trials", "1", "--in-process",
-                              "--json"])
+                              "--json", "--objective", "reconstruction"])
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)
     assert not out["created"] and out["n_trials_total"] == 4 and out["mode"] == "in-process"
 
     res = runner.invoke(app, ["sweep", "list", "--json"])
     assert [s["study"] for s in json.loads(res.stdout)] == ["kvcalib:smollm2-135m:compactor:adakv:cli"]
-    res = runner.invoke(app, ["sweep", "show", "-m", "compactor", "--suffix", "cli", "--all"])
+    res = runner.invoke(app, ["sweep", "show", "-m", "compactor", "--suffix", "cli", "--all", "--objective",
+                              "reconstruction"])
     assert res.exit_code == 0 and "(defaults)" in res.output and "blend=" in res.output
     res = runner.invoke(app, ["sweep", "promote", "kvcalib:smollm2-135m:compactor:adakv:cli", "--trial", "0"])
     assert res.exit_code == 0 and "promoted trial 0" in res.output
@@ -429,7 +432,7 @@ def test_sweep_through_celery_worker_resume_show_and_promote(pg_url, sweep_redis
         args = ["sweep", "run", "--method", "snapkv", "--allocator", "adakv", "--corpus", str(corpus),
                 "--doc-tokens", "100:300", "--ratios", "0.3,0.6", "--probes", "2", "--holdout-probes", "1",
                 "--probe-tokens", "8", "--cue-tokens", "6", "--suffix", "ci", "--population", "4", "--broker",
-                "--timeout", "170", "--json"]
+                "--timeout", "170", "--json", "--objective", "reconstruction"]
         res = runner.invoke(app, args + ["--trials", "8"])
         assert res.exit_code == 0, res.output + worker.output()[-3000:]
         first = json.loads(res.stdout)
