@@ -13,7 +13,10 @@ genre, evaluate on another (held out), check passkey at the recommended ratios.
     # 3. fit on essays (train + calibration split), test on the held-out genre
     python benchmarks/calibration_truth.py evaluate --fit results/truth/essays.jsonl \\
         --test results/truth/metadata.jsonl --epsilon 0.05 --out results/calibration_truth.json
-    # 4. passkey at each context's recommended ratio (a seed no test uses)
+    # 4. ship the predictors fitted on the calibration genre as package data (compact labels beside them; exactly
+    #    what `kvcalib fit calib/predictors/shipped/<model>/labels.jsonl --split 0.5,0.5,0` reproduces)
+    python benchmarks/calibration_truth.py ship results/truth/essays.jsonl --model smollm2-135m
+    # 5. passkey at each context's recommended ratio (a seed no test uses)
     python benchmarks/calibration_truth.py passkey --predictor results/truth/predictors --n 20 --seed 4242
 
 Genres: ``essays`` — the essay corpus (``calib.data.documents``); ``metadata`` — the long descriptions of the
@@ -87,7 +90,8 @@ def documents(tokenizer, genre: str, n_docs: int, min_tokens: int, max_tokens: i
     for name, text in texts:
         cut = rng.randint(min_tokens, max_tokens)
         chunks = chunk_by_tokens(tokenizer, text, min(min_tokens, cut), cut)
-        pieces += [(f"{genre}:{name}#{i}", c) for i, c in enumerate(chunks[:per_source])]
+        tag = f"@s{seed}" if seed else ""  # other cuts of the same sources: other ids, same source group
+        pieces += [(f"{genre}:{name}#{i}{tag}", c) for i, c in enumerate(chunks[:per_source])]
     rng.shuffle(pieces)
     return pieces[:n_docs]
 
@@ -142,6 +146,37 @@ def label(args) -> None:
                             f"counted {rec['n_counted']} {time.perf_counter() - t0:.0f}s")
 
 
+# ---------------------------------------------------------------------------------------------------- ship
+SHIP_SPLIT = (0.5, 0.5, 0.0)  # train / calibration / (no) test: the held-out test is another genre
+
+
+def ship(args) -> None:
+    """Compact the calibration genre's truth records into ``calib/predictors/shipped/<model>/labels.jsonl`` and fit
+    the shipped predictors from that very file (as ``kvcalib fit … --split 0.5,0.5,0`` does: same versions)."""
+    from kvcalib.calib.calibration.suite import compact_record
+    from kvcalib.calib.calibration.truth_labels import read_truth_labels
+    from kvcalib.calib.predictors import save_predictors
+    from kvcalib.calib.predictors.bundled import SHIPPED
+    from kvcalib.calib.predictors.risk import fit_truth_labels
+
+    folder = SHIPPED / args.model
+    folder.mkdir(parents=True, exist_ok=True)
+    records = [json.loads(x) for x in Path(args.labels).read_text(encoding="utf-8").splitlines() if x.strip()]
+    models = {r.get("model") for r in records}
+    if models != {args.model}:
+        raise SystemExit(f"{args.labels} holds records of models {sorted(map(str, models))}, not only {args.model}")
+    labels = folder / "labels.jsonl"
+    labels.write_text("".join(json.dumps(compact_record(r), allow_nan=False) + "\n" for r in records),
+                      encoding="utf-8")
+    rows = read_truth_labels(labels)
+    preds, split = fit_truth_labels(rows, SHIP_SPLIT, seed=args.seed, epsilon=args.epsilon, alpha=args.alpha)
+    save_predictors(folder, preds, extra={"default": "risk", "labels": "labels.jsonl", "epsilon": args.epsilon,
+                                          "alpha": args.alpha, "target": "task_truth", "split": split,
+                                          "model": args.model, "genre": sorted({r.get("genre", "") for r in rows})})
+    print(f"shipped {len(preds)} predictors for {args.model} fitted on {len(rows)} documents -> {folder}/ "
+          f"(default risk {preds['risk'].version})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -176,6 +211,12 @@ def main() -> None:
     ev.add_argument("--bootstrap", type=int, default=2000)
     ev.add_argument("--predictors-out", default="results/truth/predictors")
     ev.add_argument("--out", default="results/calibration_truth.json")
+    sh = sub.add_parser("ship", help="compact labels + fitted predictors into the package (shipped default)")
+    sh.add_argument("labels")
+    sh.add_argument("--model", default="smollm2-135m")
+    sh.add_argument("--epsilon", type=float, default=0.05)
+    sh.add_argument("--alpha", type=float, default=0.1)
+    sh.add_argument("--seed", type=int, default=0)
     pk = sub.add_parser("passkey", help="passkey accuracy at the recommended ratios")
     pk.add_argument("--predictor", default=None, help="predictor folder/file (default: the shipped one)")
     pk.add_argument("--n", type=int, default=20)
@@ -191,6 +232,8 @@ def main() -> None:
         label(args)
     elif args.cmd == "compare":
         write_report(compare_fidelities(args.labels, args.epsilon), args.out)
+    elif args.cmd == "ship":
+        ship(args)
     elif args.cmd == "evaluate":
         write_report(evaluate_split(args), args.out)
     else:

@@ -34,9 +34,14 @@ class ConformalPredictor(Predictor):
         super().__init__()
         self.base = base if base is not None else ConstantPredictor(0.0)
         self.alpha, self.offset, self.r_max, self.n_cal = float(alpha), float(offset), float(r_max), int(n_cal)
+        self.legacy_created: str | None = None
 
     def params(self) -> dict:
-        return {"base": {"kind": self.base.kind, "params": self.base.params(), "created": self.base.created},
+        base = {"kind": self.base.kind, "params": self.base.params()}
+        if self.legacy_created:  # files written by earlier versions hashed the base's fitting time too
+            base["created"] = self.legacy_created
+        # no timestamp among the parameters otherwise: refitting the same labels gives the same content hash
+        return {"base": base,
                 "alpha": self.alpha, "offset": None if math.isinf(self.offset) else self.offset,
                 "r_max": self.r_max, "n_cal": self.n_cal}
 
@@ -48,8 +53,9 @@ class ConformalPredictor(Predictor):
         base = KINDS[b["kind"]].from_params(b["params"])
         base.created = str(b.get("created", base.created))
         off = p["offset"]
-        return cls(base, float(p["alpha"]), math.inf if off is None else float(off), float(p["r_max"]),
-                   int(p["n_cal"]))
+        m = cls(base, float(p["alpha"]), math.inf if off is None else float(off), float(p["r_max"]), int(p["n_cal"]))
+        m.legacy_created = str(b["created"]) if "created" in b else None
+        return m
 
     def calibrate(self, features: list[dict], y, alpha: float | None = None) -> ConformalPredictor:
         """Set the offset from a calibration split (exchangeable with future contexts)."""

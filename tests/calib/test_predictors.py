@@ -207,3 +207,31 @@ def test_split_by_group_is_disjoint_and_seeded():
     assert [r["content_hash"] for r in split_labels(labels, seed=1)[2]] != [r["content_hash"] for r in te]
     with pytest.raises(KvcalibError):
         split_labels(labels[:2])
+
+
+def test_conformal_refit_is_reproducible_and_older_files_still_load():
+    """The content hash of a conformal predictor covers parameters, not the base's fitting time (refitting the same
+    labels gives the same hash); a file of an earlier version, whose hash covered that time, still verifies."""
+    import hashlib
+    import time
+
+    feats = [{"x": float(i)} for i in range(30)]
+    y = np.linspace(0.1, 0.8, 30)
+
+    def fit():
+        base = P.QuantileGBMPredictor(quantile=0.5).fit(feats, y, seed=0, feature_names=["x"])
+        return P.ConformalPredictor(base, 0.1).calibrate(feats, y)
+
+    a = fit()
+    time.sleep(1.1)  # another fitting second
+    b = fit()
+    assert a.base.created != b.base.created and a.content_hash() == b.content_hash()
+    old = a.to_json()
+    old["params"]["base"]["created"] = "20250101T000000Z"
+    old["content_hash"] = hashlib.sha256(json.dumps({"kind": "conformal", "params": old["params"]}, sort_keys=True,
+                                                    separators=(",", ":")).encode()).hexdigest()
+    again = P.predictor_from_json(old)
+    assert again.base.created == "20250101T000000Z" and np.array_equal(again.predict(feats), a.predict(feats))
+    tampered = dict(old, params=dict(old["params"], alpha=0.2))
+    with pytest.raises(Exception, match="content hash"):
+        P.predictor_from_json(tampered)
