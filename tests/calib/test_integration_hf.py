@@ -121,14 +121,16 @@ def test_auto_ratio_from_the_same_single_forward(engine, document, prompt):
     assert o.keep.sum((-1,)).sum(-1).tolist() == ref.layer_budgets
 
 
-def test_auto_uses_the_shipped_predictor_or_the_documented_fallback(engine):
+def test_auto_uses_the_shipped_predictor_else_the_documented_fallback(engine, tmp_path):
     from kvcalib.calib.predictors.bundled import default_predictor
+    from tests.support import shipped_predictors
 
-    press = KvcalibCompressor(engine.lm.model, ratio="auto", tokenizer=engine.tokenizer)
     shipped = default_predictor("smollm2-135m", "compactor", "adakv")
-    if shipped is not None:
-        assert press.predictor is shipped
-    else:  # r = 1 − τ, as the service's fallback with no stored profile
+    assert shipped is not None  # a predictor ships for the bundled model
+    press = KvcalibCompressor(engine.lm.model, ratio="auto", tokenizer=engine.tokenizer)
+    assert press.predictor is shipped
+    with shipped_predictors(tmp_path):  # nothing ships: r = 1 − τ, as the service's fallback with no profile
+        press = KvcalibCompressor(engine.lm.model, ratio="auto", tokenizer=engine.tokenizer)
         assert float(press.predictor.predict([{"context_nll": 2.0}])[0]) == pytest.approx(1 - 0.95, abs=1e-6)
 
 
