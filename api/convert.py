@@ -59,10 +59,5 @@ def document_input(body: DocumentIn | BatchDocument | str) -> DocumentInput:
 
 
 def params_of(service: Service, body: CalibrationParamsIn) -> CalibrationParams:
-    if body.dtype is not None and body.dtype != service.settings.worker_dtype:
-        from kvcalib.service.errors import ServiceInputError
-
-        raise ServiceInputError(f"dtype {body.dtype!r} requested but this service runs its models in "
-                                f"{service.settings.worker_dtype!r} (KVCALIB_WORKER_DTYPE)")
     options = body.options.model_dump(exclude_none=True) if body.options is not None else None
-    return service.params(body.model, body.method, body.allocator, body.tolerance, options)
+    return service.params(body.model, body.method, body.allocator, body.tolerance, options, body.dtype)

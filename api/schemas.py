@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from kvcalib.calib.budget import available_allocators
 from kvcalib.calib.lm.registry import available_models
@@ -20,6 +20,7 @@ MAX_ID = 2**63 - 1
 DocId = Annotated[int, Field(ge=1, le=MAX_ID, description="Id of a stored document.")]
 Hash = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$", description="SHA-256 (hex) of the document's UTF-8 text.")]
 Ratio = Annotated[float, Field(ge=0.0, lt=1.0)]
+Dtype = Literal["fp32", "bf16", "fp16"]
 
 
 class Strict(BaseModel):
@@ -40,9 +41,10 @@ class CalibrationOptions(Strict):
 
 class CalibrationParamsIn(Strict):
     model: ModelName | None = Field(None, description="Registry model (default: KVCALIB_DEFAULT_MODEL).")
-    dtype: Literal["fp32", "bf16", "fp16"] | None = Field(
-        None, description="Model dtype the request expects; must equal the service's KVCALIB_WORKER_DTYPE "
-                          "(default: that dtype). A mismatch is refused (422), never run on another dtype.")
+    dtype: Dtype | None = Field(
+        None, description="Dtype of the model's weights and KV cache (default: KVCALIB_WORKER_DTYPE, fp32). The "
+                          "service keeps one engine per (model, dtype); profiles and predictions record it, and a "
+                          "dtype other than fp32 is another parameter set (another job).")
     method: MethodName | None = Field(None, description="Scoring method (default: KVCALIB_DEFAULT_METHOD).")
     allocator: AllocatorName | None = Field(None, description="Budget allocator (default: KVCALIB_DEFAULT_ALLOCATOR).")
     tolerance: float | None = Field(None, gt=0.0, le=1.0, description="Fidelity tolerance τ: r* is the largest ratio "
@@ -72,13 +74,64 @@ class CalibrateRequest(CalibrationParamsIn, DocumentIn):
                                                   "profile (or prediction) at τ.")
 
 
+ONE_BUDGET_INPUT = {"oneOf": [{"required": ["text"]}, {"required": ["document_id"]}, {"required": ["document_hash"]},
+                              {"required": ["token_ids"]}]}
+
+
 class BudgetRequest(CalibrationParamsIn, DocumentIn):
-    pass
+    """Exactly one of ``text``, ``document_id``, ``document_hash`` or ``token_ids``."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra=ONE_BUDGET_INPUT)
+
+    token_ids: list[StrictInt] | None = Field(
+        None, description="The exact context token ids a server prefills (instead of a document): their stored "
+                          "profile (by token_ids_hash), else a prediction from one prefill of exactly these ids "
+                          "(prompt_format.kind = token_ids). Integers in the model's vocabulary, at most the "
+                          "document token limit.")
+    include_positions: bool = Field(False, description="Also return `kept_positions`.")
+
+
+class ModelShapeOut(BaseModel):
+    """The model's shape in the dtype the budget was measured in."""
+
+    layers: int
+    kv_heads: int
+    query_heads: int
+    head_dim: int
+    dtype: str = Field(description="fp32 | bf16 | fp16: weights and cached keys/values.")
+    model_type: str
+
+
+class PromptFormatOut(BaseModel):
+    """The prompt layout of the context token ids the budget was measured on."""
+
+    kind: Literal["chat_template", "token_ids"] = Field(
+        description="chat_template: kvcalib's prompt (the model's chat template up to the user turn, then the "
+                    "document: `Engine.prompt(text, question).context_ids`); token_ids: exactly the ids sent.")
+    model: str
+    context_tokens: int
+    doc_start: int | None = Field(None, description="Where the document starts in the ids (null: unknown, a "
+                                                     "profile stored before the ids were recorded).")
+    ids_hash: str | None = Field(None, description="token_ids_hash(model, ids): SHA-256 over the model name, one "
+                                                   "NUL byte and the ids as int32 little-endian.")
+
+
+class KeptPositionsOut(BaseModel):
+    """The kept positions (``calib.integrations.servers.encode_kept_positions``; ``decode_kept_positions`` inverts
+    it): run-length ranges [start, end) per (layer, kv head), or per layer when ``per_layer`` (allocator
+    per_layer: every head of a layer keeps the same positions)."""
+
+    n: int = Field(description="Context positions.")
+    layers: int
+    kv_heads: int
+    per_layer: bool
+    ranges: list[Any] = Field(description="per_layer: [[[start, end], ...] per layer]; else [[[[start, end], ...] "
+                                          "per head] per layer].")
 
 
 class BudgetOut(BaseModel):
     source: Literal["profile", "predicted"] = Field(description="A stored calibration, or the predictor.")
-    document_hash: str
+    document_hash: str | None = Field(description="SHA-256 of the document text (null: predicted from token ids).")
     model: str
     model_revision: str | None = None
     method: str
@@ -92,6 +145,13 @@ class BudgetOut(BaseModel):
     profile_id: int | None = None
     predictor_version: str | None = None
     document_id: int | None = None
+    ids_hash: str | None = Field(None, description="token_ids_hash of the context token ids the budget was measured "
+                                                   "on (null: a profile stored before they were recorded).")
+    dtype: str | None = Field(None, description="The dtype the budget was measured in.")
+    model_shape: ModelShapeOut | None = None
+    prompt_format: PromptFormatOut | None = None
+    kept_positions: KeptPositionsOut | None = Field(
+        None, description="Only with include_positions=true (null also for profiles stored without them).")
 
 
 class PredictOut(BudgetOut):
@@ -140,6 +200,7 @@ class JobOut(CalibrationKeyOut, _JobHead):
     finished_at: dt.datetime | None = None
     result: ProfileSummary | None = None
     profile_url: str | None = None
+    dtype: str | None = Field(None, description="The dtype the job runs the model in.")
 
 
 class CurvePointOut(BaseModel):
@@ -167,6 +228,8 @@ class ProfileOut(CalibrationKeyOut, _ProfileHead):
     params: dict[str, Any]
     curve: list[CurvePointOut]
     curve_png_url: str
+    dtype: str | None = None
+    ids_hash: str | None = Field(None, description="token_ids_hash of the calibration's context token ids.")
 
 
 class BatchDocument(Strict):
@@ -273,6 +336,9 @@ class PredictionOut(BaseModel):
     predictor_kind: str | None = None
     features: dict[str, Any]
     created_at: dt.datetime
+    ids_hash: str | None = Field(None, description="token_ids_hash of the context token ids it was predicted from "
+                                                   "(a prediction from token ids: also its document_hash).")
+    dtype: str | None = None
 
 
 class PredictionsOut(BaseModel):

@@ -50,7 +50,7 @@ class ServiceError(RuntimeError):
 @dataclass(frozen=True)
 class BudgetInfo:
     source: str  # "profile" or "predicted"
-    document_hash: str
+    document_hash: str | None  # None: predicted from token ids
     model: str
     method: str
     allocator: str
@@ -63,6 +63,11 @@ class BudgetInfo:
     model_revision: str | None = None
     profile_id: int | None = None
     predictor_version: str | None = None
+    ids_hash: str | None = None  # token_ids_hash of the context token ids the budget was measured on
+    dtype: str | None = None
+    model_shape: dict | None = None  # layers, kv_heads, query_heads, head_dim, dtype, model_type
+    prompt_format: dict | None = None  # kind (chat_template | token_ids), model, context_tokens, doc_start, ids_hash
+    kept_positions: dict | None = None  # encode_kept_positions (include_positions=True only)
 
     @classmethod
     def from_json(cls, d: dict) -> BudgetInfo:
@@ -183,6 +188,16 @@ class KvcalibClient:
 
     def predict_budget(self, text: str, **params) -> BudgetInfo:
         body = {"text": text, **{k: v for k, v in params.items() if v is not None}}
+        r = self.http.post("/budget", json=body)
+        self._raise(r)
+        return BudgetInfo.from_json(r.json())
+
+    def token_ids_budget(self, token_ids: list[int], *, include_positions: bool = False, **params) -> BudgetInfo:
+        """The budget of exactly the token ids a server prefills (``POST /budget`` with ``token_ids``): their stored
+        profile, else a prediction from a prefill of those ids; ``params``: model, tolerance, method, allocator,
+        dtype. Not cached."""
+        body = {"token_ids": [int(i) for i in token_ids], "include_positions": include_positions,
+                **{k: v for k, v in params.items() if v is not None}}
         r = self.http.post("/budget", json=body)
         self._raise(r)
         return BudgetInfo.from_json(r.json())

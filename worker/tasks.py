@@ -42,10 +42,11 @@ def database():
         return _db
 
 
-def load_engine(name: str):
+def load_engine(name: str, dtype: str | None = None):
+    """The worker's engine of a model in ``dtype`` (None: ``KVCALIB_WORKER_DTYPE``), one per (model, dtype)."""
     from kvcalib.service.runtime import get_engine
 
-    return get_engine(name, settings().worker_device)
+    return get_engine(name, settings().worker_device, dtype)
 
 
 @signals.worker_init.connect

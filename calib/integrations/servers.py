@@ -5,15 +5,27 @@ encoding of the kept positions of every (layer, kv head).
 ``[[start, end), ...]`` — compact because kept positions cluster (sinks, the window, key spans) — and
 ``decode_kept_positions`` inverts it exactly. With the ``per_layer`` allocator (``calib.budget``) every head of a
 layer holds the same ranges, and ``layers_only=True`` sends one list per layer (what a paged engine evicts by).
+
+``token_ids_hash(model_name, ids)`` names the exact token ids a budget was measured on (what a server prefills):
+SHA-256 over the model name's UTF-8 bytes, one NUL byte, then the ids as int32 little-endian. ``TokenIdsEngine``
+runs the engine's pipeline (``calibrate.featurize`` / ``predict``) on exactly such ids instead of kvcalib's prompt
+layout of a text.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import struct
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+
+from kvcalib.calib.data.documents import Prompt
+from kvcalib.calib.pipeline import Engine
 
 _DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -35,12 +47,66 @@ class ModelShape:
 
 def model_shape(model: torch.nn.Module) -> ModelShape:
     """The ``ModelShape`` of a transformers causal LM (from its config and parameter dtype)."""
-    cfg = model.config
-    hq = cfg.num_attention_heads
     dtype = next(model.parameters()).dtype
-    return ModelShape(layers=cfg.num_hidden_layers, kv_heads=getattr(cfg, "num_key_value_heads", None) or hq,
-                      query_heads=hq, head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // hq,
-                      dtype=_DTYPES.get(dtype, str(dtype)), model_type=str(getattr(cfg, "model_type", "")))
+    return shape_from_config(model.config.to_dict(), _DTYPES.get(dtype, str(dtype)))
+
+
+def shape_from_config(config: Mapping[str, Any], dtype: str) -> ModelShape:
+    """The ``ModelShape`` of a model from its ``config.json`` (a mapping) and the dtype it is loaded in: what a
+    service answers without loading the weights."""
+    hq = int(config["num_attention_heads"])
+    head_dim = config.get("head_dim") or int(config["hidden_size"]) // hq
+    return ModelShape(layers=int(config["num_hidden_layers"]), kv_heads=int(config.get("num_key_value_heads") or hq),
+                      query_heads=hq, head_dim=int(head_dim), dtype=str(dtype),
+                      model_type=str(config.get("model_type") or ""))
+
+
+MAX_TOKEN_ID = 2**31 - 1  # ids are hashed as int32
+
+
+def token_ids_hash(model_name: str, ids: Iterable[int] | torch.Tensor) -> str:
+    """SHA-256 (hex) naming the exact token ids a budget is measured on: over ``model_name`` (UTF-8), one NUL byte,
+    then every id as a little-endian int32. A server computes it over the ids it prefills (``GET /budget?ids_hash=``).
+    Ids must lie in [0, 2^31 - 1]."""
+    values = ids.flatten().tolist() if isinstance(ids, torch.Tensor) else list(ids)
+    for i, v in enumerate(values):
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_TOKEN_ID:
+            raise ValueError(f"token id {i} is {v!r}: ids must be integers in [0, 2^31 - 1]")
+    h = hashlib.sha256(model_name.encode("utf-8"))
+    h.update(b"\x00")
+    h.update(struct.pack(f"<{len(values)}i", *values))
+    return h.hexdigest()
+
+
+class TokenIdsEngine(Engine):
+    """An ``Engine`` whose prompt of every non-empty document is ``context_ids``: ``calibrate.featurize`` /
+    ``predict`` / ``calibrate`` then prefill exactly those ids (a server's own prefill, e.g. its chat template)
+    instead of kvcalib's layout of the text. ``prompt("", q)`` stays kvcalib's layout, so ``calibrate.context_ids``
+    still finds where the document starts when the ids begin with kvcalib's chat header (else at 0). Pass the text
+    of the ids (``document_text``) as the document: the text features read it."""
+
+    def __init__(self, engine: Engine, context_ids: Iterable[int] | torch.Tensor):
+        super().__init__(engine.lm)
+        self.context_ids = torch.as_tensor(list(context_ids) if not isinstance(context_ids, torch.Tensor)
+                                           else context_ids, dtype=torch.long).flatten()
+        if self.context_ids.numel() == 0:
+            raise ValueError("no token ids")
+
+    def prompt(self, context: str, question: str) -> Prompt:
+        base = super().prompt("", question)
+        if not context:
+            return base
+        return Prompt(context_ids=self.context_ids.clone(), question_ids=base.question_ids)
+
+    def document_start(self) -> int:
+        """Where the document starts in the ids: after kvcalib's chat header when they begin with it, else 0."""
+        head = super().prompt("", "").context_ids
+        n = int(head.numel())
+        return n if torch.equal(self.context_ids[:n], head) else 0  # as calibrate.context_ids
+
+    def document_text(self) -> str:
+        """The text of the ids after ``document_start`` (for the text features)."""
+        return self.tokenizer.decode(self.context_ids[self.document_start():])
 
 
 def model_name(model: torch.nn.Module) -> str:

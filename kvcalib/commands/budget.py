@@ -1,7 +1,10 @@
 """``kvcalib budget FILE``: the recommended compression ratio of one document and its per-layer and per-head budgets,
-from the engine's prediction (``calib.calibration.calibrate.predict``: one prefill + scores, no probes).
+from the engine's prediction (``calib.calibration.calibrate.predict``: one prefill + scores, no probes), with what a
+server needs beside them: the model shape in its dtype and the hash of the exact context token ids
+(``token_ids_hash``; ``GET /budget?ids_hash=`` finds a stored profile by it).
 
     kvcalib budget essay.txt [--method compactor --allocator adakv --tolerance 0.95 --predictor predictors/ --json]
+                             [--dtype bf16 --device cuda]
 """
 
 from __future__ import annotations
@@ -14,7 +17,15 @@ from rich.console import Console
 from rich.table import Table
 
 from kvcalib.calib import defaults
-from kvcalib.commands.common import console, emit_json, fail, friendly_errors, read_text_file
+from kvcalib.commands.common import (
+    DeviceOpt,
+    DtypeOpt,
+    console,
+    emit_json,
+    fail,
+    friendly_errors,
+    read_text_file,
+)
 
 
 def default_predictor(model: str, config: Any) -> Any:
@@ -54,15 +65,20 @@ def budget(
         help="Trained predictor (folder or file from `kvcalib fit`); default: the one shipped for the model when it "
              "fits the method, allocator and τ, else the fallback r = 1 − τ.")]
     = None,
+    dtype: DtypeOpt = "fp32",
+    device: DeviceOpt = "cpu",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON with the full per-layer/per-head arrays.")]
     = False,
 ):
     """Recommend a compression ratio for FILE and print its per-layer and per-head token budgets."""
-    from kvcalib.calib.calibration.calibrate import CalibrationConfig, predict
+    from kvcalib.calib.calibration.calibrate import CalibrationConfig, context_ids, predict
+    from kvcalib.calib.integrations.servers import model_shape, token_ids_hash
+    from kvcalib.calib.lm.support import parse_dtype
     from kvcalib.commands.stages import Stages, load_staged_engine
 
     # names and τ are refused here, before the model loads
     config = CalibrationConfig.from_dict({"method": method, "allocator": allocator, "tolerance": tolerance})
+    parse_dtype(dtype)  # an unknown dtype is refused before the model loads
     text = read_text_file(file, "document")
     if not text.strip():
         fail(f"document {str(file)!r} is empty")
@@ -72,16 +88,22 @@ def budget(
 
         chosen = load_predictor(predictor)  # a bad file is refused before the model loads
     with Stages(quiet=as_json) as stages:
-        eng = load_staged_engine(model, stages, score_label=f"scoring with {config.method}, features, budgets")
+        eng = load_staged_engine(model, stages, score_label=f"scoring with {config.method}, features, budgets",
+                                 device=device, dtype=dtype)
         pred = predict(eng, text, config, chosen or default_predictor(eng.lm.name, config))
+    ids, doc_start = context_ids(eng, text)
+    shape = model_shape(eng.lm.model).to_dict()
     out = {"file": str(file), "model": eng.lm.name, "method": config.method, "allocator": config.allocator,
-           "tolerance": config.tolerance, **pred.to_dict()}
+           "tolerance": config.tolerance, **pred.to_dict(), "dtype": shape["dtype"], "model_shape": shape,
+           "prompt_format": {"kind": "chat_template", "model": eng.lm.name, "context_tokens": int(ids.numel()),
+                             "doc_start": doc_start, "ids_hash": token_ids_hash(eng.lm.name, ids)}}
     if as_json:
         emit_json(out)
         return
     n = pred.context_tokens
     console.print(f"{file}: {n} tokens; {config.method}/{config.allocator}, τ = {config.tolerance}; "
-                  f"predictor {pred.predictor_version}", soft_wrap=True, highlight=False)
+                  f"predictor {pred.predictor_version}; {shape['dtype']}; ids_hash "
+                  f"{out['prompt_format']['ids_hash'][:16]}…", soft_wrap=True, highlight=False)
     if pred.predictor_version.startswith("fallback"):
         console.print("[dim]no trained predictor: the documented fallback r = 1 − τ (pass --predictor)[/]")
     Console().print(_table(out, n))

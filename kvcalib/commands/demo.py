@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from kvcalib.calib import defaults
-from kvcalib.commands.common import check_names, console, emit_json, fail, friendly_errors
+from kvcalib.commands.common import DeviceOpt, DtypeOpt, check_names, console, emit_json, fail, friendly_errors
 
 PASSCODE = "62817"
 
@@ -41,6 +41,8 @@ def demo(
     out_dir: Annotated[Path, typer.Option(help="Where the demo writes its curve plot.")] = Path("kvcalib-demo"),
     ratios: Annotated[str, typer.Option(help="Comma-separated compression ratios in [0, 1) to answer at.")]
     = "0,0.5,0.75,0.9",
+    dtype: DtypeOpt = "fp32",
+    device: DeviceOpt = "cpu",
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON report.")] = False,
 ):
     """The main job on the embedded defaults: compress a bundled essay (with a hidden passcode) at several ratios
@@ -48,16 +50,18 @@ def demo(
     from kvcalib.calib.budget import Budget
     from kvcalib.calib.data.documents import PACKAGE_DATA
     from kvcalib.calib.data.synthetic import insert_at_depth
+    from kvcalib.calib.lm.support import parse_dtype
     from kvcalib.commands.stages import Stages, load_staged_engine
 
     check_names(method)  # before the model loads
+    parse_dtype(dtype)
     grid = _ratios(ratios)
     essay = (PACKAGE_DATA / "hubs.txt").read_text(encoding="utf-8")
     context = insert_at_depth(essay, f"The secret passcode for the blue door is {PASSCODE}.", 0.4)
     question = "What is the secret passcode for the blue door? Answer with the number only."
     rows = []
     with Stages(quiet=as_json) as stages:
-        eng = load_staged_engine(model, stages, score_label=f"scoring with {method}")
+        eng = load_staged_engine(model, stages, score_label=f"scoring with {method}", device=device, dtype=dtype)
         for ratio in grid:
             stages.prefix = f"ratio {ratio:.2f} · "
             res = eng.run(context, question, method=method, budget=Budget(ratio=ratio), max_new_tokens=24)
@@ -66,7 +70,7 @@ def demo(
                          "kept_per_head": round(mean, 2), "kept_fraction": round(frac, 4),
                          "mib_held": round(res.cache_report["bytes_held"] / 2**20, 2),
                          "seconds": round(sum(res.timings.values()), 2)})
-    report = {"method": method, "context_tokens": res.context_tokens, "rows": rows}
+    report = {"method": method, "dtype": dtype, "device": device, "context_tokens": res.context_tokens, "rows": rows}
     if not as_json:
         table = Table("ratio", "answer", "correct", "kept per head (mean)", "kept fraction", "MiB held", "seconds",
                       title=f"{method} on a bundled essay ({res.context_tokens} tokens), expected {PASSCODE}")
@@ -76,13 +80,14 @@ def demo(
                           f"{r['mib_held']:.2f}", f"{r['seconds']:.2f}")
         Console().print(table)
     if serve:
-        report["service"] = _demo_service(essay, method, model, out_dir, quiet=as_json)
+        report["service"] = _demo_service(essay, method, model, out_dir, quiet=as_json, dtype=dtype, device=device)
     if as_json:
         emit_json(report)
 
 
-def _start_server(stages) -> tuple:
-    """`kvcalib serve` with nothing configured (SQLite, in-process jobs) on a free port: (process, base URL)."""
+def _start_server(stages, device: str = "cpu") -> tuple:
+    """`kvcalib serve` with nothing configured (SQLite, in-process jobs; models on ``device``) on a free port:
+    (process, base URL)."""
     import os
     import socket
     import subprocess
@@ -93,6 +98,7 @@ def _start_server(stages) -> tuple:
         port = sock.getsockname()[1]
     stages.begin(f"starting kvcalib serve on 127.0.0.1:{port} (SQLite, in-process jobs)")
     env = {k: v for k, v in os.environ.items() if not k.startswith("KVCALIB_") or k == "KVCALIB_CACHE_DIR"}
+    env["KVCALIB_WORKER_DEVICE"] = device
     server = subprocess.Popen([sys.executable, "-m", "kvcalib.cli", "serve", "--port", str(port),
                                "--log-level", "warning"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     return server, f"http://127.0.0.1:{port}"
@@ -117,8 +123,10 @@ def _wait_healthy(client, server, timeout: float = 120.0) -> None:
         time.sleep(0.3)
 
 
-def _demo_service(text: str, method: str, model: str, out_dir: Path, quiet: bool) -> dict:
-    """Start `kvcalib serve` with nothing configured (SQLite, in-process jobs), calibrate ``text`` through it."""
+def _demo_service(text: str, method: str, model: str, out_dir: Path, quiet: bool, dtype: str = "fp32",
+                  device: str = "cpu") -> dict:
+    """Start `kvcalib serve` with nothing configured (SQLite, in-process jobs), calibrate ``text`` through it (in
+    ``dtype``, on ``device``)."""
     import time
 
     import httpx
@@ -129,11 +137,12 @@ def _demo_service(text: str, method: str, model: str, out_dir: Path, quiet: bool
     server = client = None
     try:
         with Stages(quiet=quiet) as stages:
-            server, base = _start_server(stages)
+            server, base = _start_server(stages, device)
             client = httpx.Client(base_url=base, timeout=30)
             _wait_healthy(client, server)
             stages.begin("POST /calibrate (mode full)")
-            r = client.post("/calibrate", json={"text": text, "mode": "full", "model": model, "method": method})
+            r = client.post("/calibrate", json={"text": text, "mode": "full", "model": model, "method": method,
+                                                "dtype": dtype})
             if r.status_code not in (200, 202):
                 fail(f"POST /calibrate answered {r.status_code}: {r.text}")
             job = r.json()
@@ -149,7 +158,8 @@ def _demo_service(text: str, method: str, model: str, out_dir: Path, quiet: bool
             stages.begin("GET profile, /budget and the curve plot")
             profile = client.get(job["profile_url"].replace(base, "")).json()
             budget = client.get("/budget", params={"document_hash": job["document_hash"], "model": model,
-                                                   "method": method, "tolerance": job["tolerance"]}).json()
+                                                   "method": method, "tolerance": job["tolerance"],
+                                                   "dtype": dtype}).json()
             out_dir.mkdir(parents=True, exist_ok=True)
             png = out_dir / "curve.png"
             png.write_bytes(client.get(profile["curve_png_url"].replace(base, "")).content)
@@ -161,7 +171,8 @@ def _demo_service(text: str, method: str, model: str, out_dir: Path, quiet: bool
             server.wait(timeout=30)
     summary = {"base_url": base, "job": job["id"], "r_star": profile.get("r_star"),
                "curve": profile.get("curve"), "budget": {k: budget.get(k) for k in ("source", "ratio", "token_budget",
-                                                                                     "tolerance")},
+                                                                                     "tolerance", "dtype",
+                                                                                     "ids_hash")},
                "curve_png": str(png)}
     if not quiet:
         console.print(f"calibrated through kvcalib serve at {base} (SQLite, in-process jobs), job {job['id']}")

@@ -169,6 +169,8 @@ def batch(
     tolerance: Annotated[float | None, typer.Option(help="Fidelity tolerance τ.")] = None,
     ratios: Annotated[str | None, typer.Option(help="Comma-separated ratio grid, e.g. 0.3,0.5,0.7.")] = None,
     n_probes: Annotated[int | None, typer.Option(help="Probes per document.")] = None,
+    dtype: Annotated[str | None, typer.Option(help="Model dtype: fp32, bf16 or fp16 (default: "
+                                                   "KVCALIB_WORKER_DTYPE).")] = None,
     wait: Annotated[bool, typer.Option(help="Show progress until the batch is done.")] = True,
     poll: Annotated[float, typer.Option(help="Seconds between progress polls.")] = 1.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the final batch as JSON.")] = False,
@@ -184,7 +186,7 @@ def batch(
     if n_probes is not None:
         options["n_probes"] = n_probes
     params = {"model": model, "method": method, "allocator": allocator, "tolerance": tolerance,
-              "options": options or None}
+              "options": options or None, "dtype": dtype}
     if api:
         final = _batch_via_api(api, token, docs, params, wait, poll, as_json)
     else:
@@ -243,7 +245,8 @@ def _batch_direct(docs, params, wait, poll, quiet) -> dict:
         from kvcalib.service.jobs import InProcessDispatcher
         from kvcalib.service.runtime import get_engine
 
-        dispatcher = InProcessDispatcher(db, lambda name: get_engine(name, s.worker_device), s.inprocess_workers,
+        dispatcher = InProcessDispatcher(db, lambda name, dtype=None: get_engine(name, s.worker_device, dtype),
+                                         s.inprocess_workers,
                                          s.job_max_retries + 1, s.job_retry_backoff)
         if not wait:
             fail("without a broker the batch runs in this process: --no-wait needs KVCALIB_BROKER_URL")
@@ -254,7 +257,7 @@ def _batch_direct(docs, params, wait, poll, quiet) -> dict:
     service = Service(db, s, dispatcher)
     try:
         p = service.params(params["model"], params["method"], params["allocator"], params["tolerance"],
-                           params["options"])
+                           params["options"], params["dtype"])
         b = asdict(service.submit_batch([DocumentInput(**d) for d in docs], p))
         if not wait:
             return json.loads(json.dumps({k: v for k, v in b.items() if k != "items"}, default=str))

@@ -9,7 +9,7 @@ from kvcalib.service.db import Database
 from kvcalib.service.inputs import CalibrationParams, DocumentInput
 from kvcalib.service.limits import SyncLimiter
 from kvcalib.service.predictions import Predictors, user_params_errors
-from kvcalib.service.runtime import EngineLoader, model_info
+from kvcalib.service.runtime import EngineLoader, load_at, model_info
 from kvcalib.service.validation import RequestValidator
 from kvcalib.service.views import CompressedCache, CompressionInfo
 
@@ -37,13 +37,13 @@ class Compressor:
                                               keep_text=False)  # hash-only mode: never the text
             profile = None if ratio is not None else repo.find_budget(
                 s, content_hash=resolved.content_hash, model_name=info.name, tolerance=p.tolerance, method=p.method,
-                allocator=p.allocator)
+                allocator=p.allocator, dtype=p.dtype)
             assert resolved.row is not None  # persisted
             doc_id = resolved.row.id
 
         def work() -> CompressedCache:  # in a slot of the limiter: 429 past the cap, 503 past the time limit
             ratio_, source, version = ratio, "ratio", None  # CompressSource
-            engine = self.load_engine(p.model)
+            engine = load_at(self.load_engine, p.model, p.dtype)
             with user_params_errors(p):
                 feats, cap, scores = featurize(engine, resolved.text, config)  # scores: (L, Hkv, N)
                 counts = None
@@ -65,7 +65,7 @@ class Compressor:
                                       model_revision=info.revision, config=config, ratio=ratio_,
                                       token_budget=Budget(ratio=ratio_).per_head(int(cap.num_tokens)),
                                       context_tokens=int(cap.num_tokens), predictor=predictor,
-                                      predictor_version=version, features=feats)
+                                      predictor_version=version, features=feats, dtype=p.dtype)
             meta = CompressionInfo(model=info.name, model_revision=info.revision, method=p.method,
                                    allocator=p.allocator, tolerance=p.tolerance, ratio=float(ratio_),
                                    budget_source=source, document_hash=resolved.content_hash, document_id=doc_id,

@@ -52,12 +52,13 @@ if TYPE_CHECKING:
 class Service:
     def __init__(self, db: Database, settings: Settings, dispatcher: Dispatcher | None = None,
                  load_engine: EngineLoader | None = None):
-        from kvcalib.service.runtime import get_engine
+        from kvcalib.service.runtime import dtype_aware, get_engine
 
         self.db = db
         self.settings = settings
         self.dispatcher = dispatcher
-        self.load_engine: EngineLoader = load_engine or (lambda name: get_engine(name, settings.worker_device))
+        self.load_engine: EngineLoader = dtype_aware(
+            load_engine or (lambda name, dtype=None: get_engine(name, settings.worker_device, dtype)))
         self.validator = RequestValidator(settings)
         self.reader = StoreReader(db)
         self.submitter = Submitter(db, settings, dispatcher, self.validator, self.reader)
@@ -69,9 +70,11 @@ class Service:
 
     # ------------------------------------------------------------------------------------------------ validation
     def params(self, model: str | None = None, method: str | None = None, allocator: str | None = None,
-               tolerance: float | None = None, options: dict[str, Any] | None = None) -> CalibrationParams:
-        """Request parameters with the settings' defaults filled in, validated (unknown names → 422)."""
-        return self.validator.params(model, method, allocator, tolerance, options)
+               tolerance: float | None = None, options: dict[str, Any] | None = None,
+               dtype: str | None = None) -> CalibrationParams:
+        """Request parameters with the settings' defaults filled in (``dtype``: ``KVCALIB_WORKER_DTYPE``),
+        validated (unknown names → 422)."""
+        return self.validator.params(model, method, allocator, tolerance, options, dtype)
 
     # ------------------------------------------------------------------------------------------------ jobs, batches
     def submit(self, doc: DocumentInput, p: CalibrationParams) -> tuple[JobView, bool]:
@@ -142,15 +145,27 @@ class Service:
         return curve_png(self.reader.profile(profile_id))
 
     # ------------------------------------------------------------------------------------------------ budgets
-    def stored_budget(self, document_hash: str, model: str, tolerance: float, method: str | None = None,
-                      allocator: str | None = None) -> BudgetView:
-        """The stored profile's budget (the inference-server look-up: one indexed query, no model, no broker)."""
-        return self.budgets.stored(document_hash, model, tolerance, method, allocator)
+    def stored_budget(self, *, model: str, tolerance: float, document_hash: str | None = None,
+                      ids_hash: str | None = None, method: str | None = None, allocator: str | None = None,
+                      dtype: str | None = None, include_positions: bool = False) -> BudgetView:
+        """The stored profile's budget of a document (``document_hash``) or of the exact context token ids
+        (``ids_hash``): the inference-server look-up, one indexed query, no model, no broker."""
+        return self.budgets.stored(model=model, tolerance=tolerance, document_hash=document_hash, ids_hash=ids_hash,
+                                   method=method, allocator=allocator, dtype=dtype,
+                                   include_positions=include_positions)
 
     def predicted_budget(self, doc: DocumentInput, p: CalibrationParams, persist: bool = False,
-                         prefer_profile: bool = True) -> BudgetView:
+                         prefer_profile: bool = True, include_positions: bool = False) -> BudgetView:
         """A stored profile when the document is calibrated at τ, else the predictor's budget (synchronous)."""
-        return self.budgets.predicted(doc, p, persist=persist, prefer_profile=prefer_profile)
+        return self.budgets.predicted(doc, p, persist=persist, prefer_profile=prefer_profile,
+                                      include_positions=include_positions)
+
+    def token_ids_budget(self, token_ids: Sequence[int], p: CalibrationParams, prefer_profile: bool = True,
+                         include_positions: bool = False) -> BudgetView:
+        """The budget of exactly the token ids a server prefills: their stored profile (by ``token_ids_hash``),
+        else the predictor's budget from one prefill of those ids (synchronous)."""
+        return self.budgets.predicted_from_ids(token_ids, p, prefer_profile=prefer_profile,
+                                               include_positions=include_positions)
 
     # ------------------------------------------------------------------------------------------------ predictors
     def predictor_listing(self) -> PredictorListing:

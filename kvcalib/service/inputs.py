@@ -3,12 +3,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kvcalib.calib.data.jsonl import iter_jsonl
 from kvcalib.service.errors import ServiceInputError, TooLargeError
+
+if TYPE_CHECKING:
+    from kvcalib.calib.calibration.calibrate import CalibrationConfig
 
 MAX_ID = 2**63 - 1  # ids are BIGINT on PostgreSQL: larger integers are invalid ids, not database overflows
 MAX_SOURCE_CHARS = 1000  # documents.source
@@ -34,11 +38,24 @@ class CalibrationParams:
     allocator: str
     tolerance: float
     options: dict[str, Any] = field(default_factory=dict)  # CalibrationConfig overrides (ratios, n_probes, …)
+    dtype: str = "fp32"  # fp32 | bf16 | fp16: the dtype the model runs in (default: KVCALIB_WORKER_DTYPE)
 
     @property
     def custom_method_params(self) -> bool:
         """Whether the caller chose the method's hyperparameters (their failures are then input errors)."""
         return bool(self.options.get("method_params"))
+
+
+DEFAULT_DTYPE = "fp32"
+
+
+def params_hash(config: CalibrationConfig, dtype: str | None) -> str:
+    """The parameters hash of a run or a prediction: ``config.params_hash()`` in fp32 (the hash rows had before
+    dtypes were recorded), else the SHA-256 of that hash and the dtype — a bf16 calibration is another run."""
+    base = config.params_hash()
+    if dtype in (None, DEFAULT_DTYPE):
+        return base
+    return hashlib.sha256(f"{base}:dtype={dtype}".encode()).hexdigest()
 
 
 def validate_text(text: str, max_bytes: int) -> bytes:

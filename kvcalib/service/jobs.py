@@ -7,8 +7,10 @@
 2. the run is claimed under a lease (``kvcalib.service.leases``: status ``running``, ``attempts`` + 1, one
    conditional UPDATE); a live lease of another execution makes this one return ``busy`` without computing. While it
    calibrates, a heartbeat renews the lease and progress is written to the row;
-3. the curve points, the profile and the ``succeeded`` status are written in ONE transaction guarded by the unique
-   constraints (profile per run, curve point per (run, ratio)); a concurrent duplicate loses the race silently.
+3. the curve points, the profile — with its layout for servers (``kvcalib.service.layout.profile_layout``: the
+   context ids' hash, the model shape in the run's dtype, the kept positions at r*) — and the ``succeeded`` status
+   are written in ONE transaction guarded by the unique constraints (profile per run, curve point per (run,
+   ratio)); a concurrent duplicate loses the race silently.
 
 A crash between 2 and 3 leaves a ``running`` row whose lease stops being renewed; once it expired the sweeper
 (``kvcalib.service.sweeper``) dispatches the run again, as it does a queued run whose message was lost. Input
@@ -81,6 +83,8 @@ class _Progress:
 def execute_run(db: Database, run_id: int, load_engine: EngineLoader, max_attempts: int = 4,
                 task_id: str | None = None, leases: LeasePolicy | None = None) -> Outcome:
     from kvcalib.calib.calibration.calibrate import CalibrationConfig, calibrate
+    from kvcalib.service.layout import profile_layout
+    from kvcalib.service.runtime import dtype_aware, load_at
 
     policy = leases or LeasePolicy()
     owner = new_owner()
@@ -109,19 +113,22 @@ def execute_run(db: Database, run_id: int, load_engine: EngineLoader, max_attemp
                      task_id=task_id):
             return Outcome("busy", run_id, error="claimed by another execution")
         text, model_name, revision = run.document.text, run.model.name, run.model.revision
-        params = dict(run.params)
+        params, dtype = dict(run.params), run.dtype
 
-    # ---- 2. calibrate
+    # ---- 2. calibrate (then the layout for servers: context ids' hash, model shape, kept positions at r*)
     try:
         with Heartbeat(db, run_id, owner, policy) as heartbeat:
             config = CalibrationConfig.from_dict(params)
-            engine = load_engine(model_name)
+            engine = load_at(dtype_aware(load_engine), model_name, dtype)
             heartbeat.check()
             got = engine.lm.spec.revision
             if got != revision:
                 raise KvcalibError(f"model {model_name!r} is at revision {got} in this worker but the run "
                                    f"was submitted for revision {revision}")
             result = calibrate(engine, text, config, progress=_Progress(db, run_id, heartbeat))
+            heartbeat.check()
+            layout = profile_layout(engine, text, config, model=model_name, ratio=result.r_star,
+                                    head_budgets=result.head_budgets)
     except LeaseLost as exc:
         return Outcome("lost", run_id, error=str(exc))
     except KvcalibError as exc:
@@ -138,7 +145,8 @@ def execute_run(db: Database, run_id: int, load_engine: EngineLoader, max_attemp
     with db.session() as s:
         run = repo.get_run(s, run_id=run_id)
         profile, written = repo.save_result(s, run=run, result=result,
-                                            token_budget=token_budget_of(result.r_star, result.context_tokens))
+                                            token_budget=token_budget_of(result.r_star, result.context_tokens),
+                                            server=layout)
         if run.document.token_count is None:
             run.document.token_count = int(result.context_tokens)
         release(s, run_id=run_id, owner=None, status=RunStatus.succeeded.value, progress=1.0, error=None,

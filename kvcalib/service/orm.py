@@ -113,6 +113,8 @@ class CalibrationRun(StoreTable):
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     task_id: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    # fp32 | bf16 | fp16: the dtype the job loads the model in (None: rows from before 0004, the loader's default)
+    dtype: Mapped[str | None] = mapped_column(String(8), nullable=True)
     # The lease (``kvcalib.service.leases``): who executes the run and until when, renewed by its heartbeat; a run
     # whose lease expired, or queued with no message since ``dispatched_at``, is sent again by the sweeper.
     lease_owner: Mapped[str | None] = mapped_column(String(200), nullable=True)
@@ -162,6 +164,14 @@ class Profile(StoreTable):
     seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow,
                                                     server_default=func.now())
+    # Budgets for servers (migration 0004; None on older rows): sha256 of the model name + the exact context ids
+    # (``calib.integrations.servers.token_ids_hash``), the dtype, the model shape, the prompt layout of the ids and
+    # the kept positions at r* (``encode_kept_positions``).
+    ids_hash: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    dtype: Mapped[str | None] = mapped_column(String(8), nullable=True)
+    model_shape: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    prompt_format: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    kept_positions: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
     run: Mapped[CalibrationRun] = relationship()
     document: Mapped[Document] = relationship()
@@ -191,7 +201,8 @@ class Predictor(StoreTable):
 class Prediction(StoreTable):
     """A predicted budget, stored once per (document hash, model and revision, parameters, predictor version). Keyed
     by the document's hash, not its row: predictions of documents that are not stored (``POST /budget``) are kept
-    too, and never their text."""
+    too, and never their text. A prediction from token ids (``POST /budget`` with ``token_ids``) has no document:
+    its ``content_hash`` is its ``ids_hash``. A dtype other than fp32 is part of ``params_hash``."""
 
     __tablename__ = "predictions"
     __table_args__ = (UniqueConstraint("content_hash", "model", "model_revision", "method", "allocator", "tolerance",
@@ -212,6 +223,8 @@ class Prediction(StoreTable):
     features: Mapped[dict[str, Any]] = mapped_column(JSON)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow,
                                                     server_default=func.now())
+    ids_hash: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)  # migration 0004
+    dtype: Mapped[str | None] = mapped_column(String(8), nullable=True)
 
 
 class Batch(StoreTable):

@@ -395,15 +395,18 @@ class Predictors:
     # ------------------------------------------------------------------------------------------------ predictions
     def store(self, *, content_hash: str, model: str, model_revision: str, config: CalibrationConfig, ratio: float,
               token_budget: int, context_tokens: int, predictor: RatioPredictor, predictor_version: str | None,
-              features: dict[str, Any] | None) -> bool:
-        """Store a predicted budget (once per document hash, model, parameters and predictor version)."""
+              features: dict[str, Any] | None, ids_hash: str | None = None, dtype: str | None = None) -> bool:
+        """Store a predicted budget (once per document hash, model, parameters — the dtype among them — and
+        predictor version), with the hash of the context token ids it was predicted from."""
+        from kvcalib.service.inputs import params_hash
+
         with self.db.session() as s:
             return repo.save_prediction(
                 s, content_hash=content_hash, model=model, model_revision=model_revision, method=config.method,
-                allocator=config.allocator, tolerance=config.tolerance, params_hash=config.params_hash(),
+                allocator=config.allocator, tolerance=config.tolerance, params_hash=params_hash(config, dtype),
                 ratio=ratio, token_budget=token_budget, context_tokens=context_tokens,
                 predictor_version=predictor_version or predictor.version, predictor_kind=predictor.kind,
-                features=features)
+                features=features, ids_hash=ids_hash, dtype=dtype)
 
     def predictions(self, *, document_hash: str | None = None, model: str | None = None, method: str | None = None,
                     allocator: str | None = None, limit: int = 100) -> list[PredictionView]:

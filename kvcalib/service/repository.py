@@ -27,7 +27,7 @@ from kvcalib.service.orm import (
     RunStatus,
     utcnow,
 )
-from kvcalib.service.views import BudgetView
+from kvcalib.service.views import BudgetView, ModelShapeView, PromptFormatView
 
 TOLERANCE_EPS = 1e-6
 
@@ -129,8 +129,10 @@ def forget_texts(s: Session, *, document_id: int | None = None) -> int:
 
 # ---------------------------------------------------------------------------------------------------- runs (jobs)
 def get_or_create_run(s: Session, *, document: Document, model: Model, params: dict, params_hash: str, method: str,
-                      allocator: str, tolerance: float) -> tuple[CalibrationRun, bool]:
-    """The run of (document, model, params hash); ``created`` tells whether this call inserted it."""
+                      allocator: str, tolerance: float, dtype: str | None = None) -> tuple[CalibrationRun, bool]:
+    """The run of (document, model, params hash); ``created`` tells whether this call inserted it. ``dtype``: the
+    dtype the job loads the model in (a dtype other than fp32 is part of ``params_hash``,
+    ``kvcalib.service.inputs.params_hash``)."""
     key = (CalibrationRun.document_id == document.id, CalibrationRun.model_id == model.id,
            CalibrationRun.params_hash == params_hash)
     run = s.scalars(select(CalibrationRun).where(*key)).one_or_none()
@@ -140,7 +142,7 @@ def get_or_create_run(s: Session, *, document: Document, model: Model, params: d
     inserted = insert_ignore(s, table=CalibrationRun, values={
         "document_id": document.id, "model_id": model.id, "params_hash": params_hash, "params": params,
         "method": method, "allocator": allocator, "tolerance": tolerance, "status": RunStatus.queued.value,
-        "progress": 0.0, "attempts": 0, "created_at": now, "updated_at": now, "message": "queued",
+        "progress": 0.0, "attempts": 0, "created_at": now, "updated_at": now, "message": "queued", "dtype": dtype,
     }, conflict=["document_id", "model_id", "params_hash"])
     run = s.scalars(select(CalibrationRun).where(*key)).one()
     return run, inserted == 1
@@ -191,9 +193,20 @@ def get_profile(s: Session, *, profile_id: int) -> Profile | None:
     return s.get(Profile, profile_id)
 
 
+class ServerFields(Protocol):
+    """What ``save_result`` stores for inference servers (``kvcalib.service.layout.ServerLayout``)."""
+
+    ids_hash: str
+    dtype: str
+    model_shape: dict[str, Any]
+    prompt_format: dict[str, Any]
+    kept_positions: dict[str, Any] | None
+
+
 def save_result(s: Session, *, run: CalibrationRun, result: CalibrationOutcome, token_budget: int,
-                predictor_version: str | None = None) -> tuple[Profile, bool]:
-    """Store the curve and the profile of a finished run exactly once. Returns (profile, written_now).
+                predictor_version: str | None = None, server: ServerFields | None = None) -> tuple[Profile, bool]:
+    """Store the curve and the profile of a finished run exactly once. Returns (profile, written_now). ``server``:
+    the context ids' hash, dtype, model shape, prompt format and kept positions of the profile (migration 0004).
 
     Called inside one transaction with the run's status update, so a crash anywhere before the commit leaves
     nothing behind, and a second delivery of the same job finds the profile (or loses the unique-constraint race
@@ -214,9 +227,21 @@ def save_result(s: Session, *, run: CalibrationRun, result: CalibrationOutcome, 
         "head_budgets": [[int(x) for x in row] for row in result.head_budgets],
         "features": jsonable(result.features or {}), "predictor_version": predictor_version,
         "seconds": float(result.seconds) if result.seconds is not None else None, "created_at": utcnow(),
+        "dtype": server.dtype if server is not None else run.dtype, **_server_values(server),
     }, conflict=["run_id"])
     profile = profile_for_run(s, run_id=run.id)
     return profile, True
+
+
+def _server_values(server: ServerFields | None) -> dict[str, Any]:
+    """The server columns of a profile; absent ones are left out (SQL NULL, not a JSON null)."""
+    if server is None:
+        return {}
+    values = {"ids_hash": server.ids_hash, "model_shape": jsonable(server.model_shape),
+              "prompt_format": jsonable(server.prompt_format)}
+    if server.kept_positions is not None:
+        values["kept_positions"] = jsonable(server.kept_positions)
+    return values
 
 
 def _kl_list(result: CalibrationOutcome, n: int) -> list[float | None]:
@@ -262,38 +287,58 @@ def find_profile(s: Session, *, content_hash: str, model_name: str, tolerance: f
 
 BUDGET_COLUMNS = (Profile.id, Document.content_hash, Model.name, Model.revision, Profile.method, Profile.allocator,
                   Profile.tolerance, Profile.r_star, Profile.token_budget, Profile.context_tokens,
-                  Profile.layer_budgets, Profile.head_budgets, Profile.predictor_version)
+                  Profile.layer_budgets, Profile.head_budgets, Profile.predictor_version, Profile.ids_hash,
+                  Profile.dtype, Profile.model_shape, Profile.prompt_format)
+OLD_ROWS_DTYPE = "fp32"  # profiles from before migration 0004 record no dtype: the service default then
 
 
-def _budget_query():
+def _budget_query(key: str, positions: bool):
+    """The budget look-up by document hash (``key="content_hash"``) or by context-ids hash (``"ids_hash"``), with
+    the kept positions or without (they can be large: read only when asked)."""
     from sqlalchemy import String, bindparam, or_
 
     method, allocator = bindparam("method", type_=String), bindparam("allocator", type_=String)
-    return (select(*BUDGET_COLUMNS).join(Document, Profile.document_id == Document.id)
+    dtype = bindparam("dtype", type_=String)
+    match = (Document.content_hash == bindparam("key") if key == "content_hash"
+             else Profile.ids_hash == bindparam("key"))
+    columns = BUDGET_COLUMNS + ((Profile.kept_positions,) if positions else ())
+    return (select(*columns).join(Document, Profile.document_id == Document.id)
             .join(Model, Profile.model_id == Model.id)
-            .where(Document.content_hash == bindparam("content_hash"), Model.name == bindparam("model"),
+            .where(match, Model.name == bindparam("model"),
                    Profile.tolerance.between(bindparam("lo"), bindparam("hi")),
                    or_(method.is_(None), Profile.method == method),
-                   or_(allocator.is_(None), Profile.allocator == allocator))
+                   or_(allocator.is_(None), Profile.allocator == allocator),
+                   or_(dtype.is_(None), func.coalesce(Profile.dtype, OLD_ROWS_DTYPE) == dtype))
             .order_by(Profile.created_at.desc(), Profile.id.desc()).limit(1))
 
 
-BUDGET_QUERY = _budget_query()  # built once: the hot path only binds parameters
+# built once: the hot path only binds parameters
+BUDGET_QUERIES = {(key, positions): _budget_query(key, positions)
+                  for key in ("content_hash", "ids_hash") for positions in (False, True)}
 
 
-def find_budget(conn: Session | Connection, *, content_hash: str, model_name: str, tolerance: float,
-                method: str | None = None, allocator: str | None = None) -> BudgetView | None:
-    """The hot path of ``GET /budget``: ``find_profile`` reading only the budget columns (one indexed query).
-    ``conn`` is a Session or a Core Connection."""
-    row = conn.execute(BUDGET_QUERY, {"content_hash": content_hash, "model": model_name,
-                                      "lo": tolerance - TOLERANCE_EPS, "hi": tolerance + TOLERANCE_EPS,
-                                      "method": method or None, "allocator": allocator or None}).first()
+def find_budget(conn: Session | Connection, *, model_name: str, tolerance: float, content_hash: str | None = None,
+                ids_hash: str | None = None, method: str | None = None, allocator: str | None = None,
+                dtype: str | None = None, include_positions: bool = False) -> BudgetView | None:
+    """The hot path of ``GET /budget``: the newest profile of a document (``content_hash``) or of the exact context
+    token ids (``ids_hash``) under a model at τ, reading only the budget columns (one indexed query); the kept
+    positions only with ``include_positions``. ``conn`` is a Session or a Core Connection."""
+    if (content_hash is None) == (ids_hash is None):
+        raise ValueError("give exactly one of content_hash or ids_hash")
+    key = "content_hash" if content_hash is not None else "ids_hash"
+    row = conn.execute(BUDGET_QUERIES[key, include_positions], {
+        "key": content_hash if content_hash is not None else ids_hash, "model": model_name,
+        "lo": tolerance - TOLERANCE_EPS, "hi": tolerance + TOLERANCE_EPS, "method": method or None,
+        "allocator": allocator or None, "dtype": dtype or None}).first()
     if row is None:
         return None
-    (pid, h, model, revision, method_, alloc, tol, r, tb, n, lb, hb, pv) = row
+    (pid, h, model, revision, method_, alloc, tol, r, tb, n, lb, hb, pv, ih, dt_, shape, fmt) = row[:17]
     return BudgetView(source="profile", document_hash=h, model=model, model_revision=revision, method=method_,
                       allocator=alloc, tolerance=tol, ratio=r, token_budget=tb, context_tokens=n, layer_budgets=lb,
-                      head_budgets=hb, profile_id=pid, predictor_version=pv)
+                      head_budgets=hb, profile_id=pid, predictor_version=pv, ids_hash=ih,
+                      dtype=dt_ or OLD_ROWS_DTYPE, model_shape=ModelShapeView.of(shape),
+                      prompt_format=PromptFormatView.of(fmt),
+                      kept_positions=row[17] if include_positions else None)
 
 
 def profile_tolerances(s: Session, *, content_hash: str, model_name: str) -> list[float]:
@@ -404,23 +449,29 @@ PREDICTION_KEY = ("content_hash", "model", "model_revision", "method", "allocato
 
 def save_prediction(s: Session, *, content_hash: str, model: str, model_revision: str, method: str, allocator: str,
                     tolerance: float, params_hash: str, ratio: float, token_budget: int, context_tokens: int,
-                    predictor_version: str, predictor_kind: str | None, features: dict[str, Any] | None) -> bool:
+                    predictor_version: str, predictor_kind: str | None, features: dict[str, Any] | None,
+                    ids_hash: str | None = None, dtype: str | None = None) -> bool:
     """Store a predicted budget once per (document hash, model, revision, method, allocator, τ, parameters hash,
-    predictor version): the same prediction asked again writes nothing. Returns whether this call stored it."""
+    predictor version): the same prediction asked again writes nothing. Returns whether this call stored it.
+    ``ids_hash``: the hash of the context token ids it was predicted from; ``dtype``: the model's dtype."""
     return insert_ignore(s, table=Prediction, values={
         "content_hash": content_hash, "model": model, "model_revision": model_revision, "method": method,
         "allocator": allocator, "tolerance": float(tolerance), "params_hash": params_hash, "ratio": float(ratio),
         "token_budget": int(token_budget), "context_tokens": int(context_tokens),
         "predictor_version": predictor_version, "predictor_kind": predictor_kind,
-        "features": jsonable(features or {}), "created_at": utcnow()}, conflict=PREDICTION_KEY) == 1
+        "features": jsonable(features or {}), "created_at": utcnow(), "ids_hash": ids_hash,
+        "dtype": dtype}, conflict=PREDICTION_KEY) == 1
 
 
 def list_predictions(s: Session, *, content_hash: str | None = None, model: str | None = None,
-                     method: str | None = None, allocator: str | None = None, limit: int = 100) -> list[Prediction]:
-    """Stored predictions, newest first, optionally of one document hash, model, method or allocator."""
+                     method: str | None = None, allocator: str | None = None, limit: int = 100,
+                     ids_hash: str | None = None) -> list[Prediction]:
+    """Stored predictions, newest first, optionally of one document hash, context-ids hash, model, method or
+    allocator."""
     q = select(Prediction)
     for column, value in ((Prediction.content_hash, content_hash), (Prediction.model, model),
-                          (Prediction.method, method), (Prediction.allocator, allocator)):
+                          (Prediction.method, method), (Prediction.allocator, allocator),
+                          (Prediction.ids_hash, ids_hash)):
         if value is not None:
             q = q.where(column == value)
     return list(s.scalars(q.order_by(Prediction.created_at.desc(), Prediction.id.desc()).limit(limit)))

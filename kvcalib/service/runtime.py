@@ -1,18 +1,23 @@
 """Per-process model access for the service: a cheap ``ModelInfo`` (tokenizer, revision, context length — what the
 API needs to validate a document without loading weights) and the full ``Engine``, loaded once per process.
 
-One ``Engine`` (one model) serves every thread of the process at once — API requests, embedded jobs, a
-``--pool threads`` worker: model calls keep their state per call (``calib.lm.hooks``), so they need no lock here.
-Loading an engine holds its own lock, not the one of ``model_info``: validating a request never waits for weights."""
+One ``Engine`` per (model, device, dtype) serves every thread of the process at once — API requests, embedded jobs,
+a ``--pool threads`` worker: model calls keep their state per call (``calib.lm.hooks``), so they need no lock here.
+Loading an engine holds its own lock, not the one of ``model_info``: validating a request never waits for weights.
+
+Engine loaders take ``(name, dtype)`` (``EngineLoader``); ``dtype_aware`` adapts a one-argument loader (a test's
+``lambda name: engine``) and ``load_at`` refuses an engine whose dtype is not the one asked for."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
 
+from kvcalib.calib.errors import KvcalibError
 from kvcalib.calib.lm.registry import ModelNotFoundError, available_models
 
 if TYPE_CHECKING:
@@ -34,6 +39,9 @@ class ModelRevision(Protocol):
     @property
     def revision(self) -> str: ...
 
+    @property
+    def dtype(self) -> str: ...
+
 
 class LoadedModelSpec(Protocol):
     @property
@@ -48,7 +56,39 @@ class ServiceEngine(Protocol):
     def lm(self) -> LoadedModelSpec: ...
 
 
-EngineLoader = Callable[[str], ServiceEngine]  # registry model name → its process-wide engine
+DTYPES = ("fp32", "bf16", "fp16")
+
+
+class EngineLoader(Protocol):
+    """Registry model name (and dtype; None: the loader's default, ``KVCALIB_WORKER_DTYPE``) → its process-wide
+    engine."""
+
+    def __call__(self, name: str, dtype: str | None = None) -> ServiceEngine: ...
+
+
+def dtype_aware(loader: Callable[..., ServiceEngine]) -> EngineLoader:
+    """``loader`` when it takes a dtype; a one-argument loader (``lambda name: engine``) otherwise serves its own
+    engine whatever the dtype (``load_at`` then refuses a dtype it does not have)."""
+    try:
+        params = inspect.signature(loader).parameters
+    except (TypeError, ValueError):  # pragma: no cover - builtins
+        return loader  # type: ignore[return-value]
+    if "dtype" in params or any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        return loader  # type: ignore[return-value]
+
+    def load(name: str, dtype: str | None = None) -> ServiceEngine:
+        return loader(name)
+
+    return load
+
+
+def load_at(loader: EngineLoader, name: str, dtype: str | None) -> ServiceEngine:
+    """The engine of ``name`` in ``dtype`` (None: the loader's default); an engine in another dtype is refused."""
+    engine = loader(name, dtype=dtype)
+    got = getattr(getattr(getattr(engine, "lm", None), "spec", None), "dtype", None)
+    if dtype is not None and got is not None and got != dtype:
+        raise KvcalibError(f"model {name!r} is loaded in {got} in this process, not {dtype}")
+    return engine
 
 
 @dataclass
@@ -57,9 +97,16 @@ class ModelInfo:
     revision: str
     max_positions: int
     tokenizer: Tokenizer
+    config: dict[str, Any] = field(default_factory=dict)  # the model's config.json
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False).input_ids)
+
+    @property
+    def vocab_size(self) -> int:
+        """Token ids the model embeds: [0, vocab_size)."""
+        n = self.config.get("vocab_size")
+        return int(n) if n else len(self.tokenizer)  # type: ignore[arg-type]
 
 
 def _cache_dir():
@@ -94,17 +141,38 @@ def model_info(name: str) -> ModelInfo:
         cfg = json.loads((folder / "config.json").read_text())
         info = ModelInfo(name=canonical, revision=_revision(folder, _cache_dir()),
                          max_positions=int(cfg.get("max_position_embeddings") or 4096),
-                         tokenizer=AutoTokenizer.from_pretrained(folder, local_files_only=True))
+                         tokenizer=AutoTokenizer.from_pretrained(folder, local_files_only=True), config=cfg)
         _INFO[name] = info
         return info
+
+
+_CONFIGS: dict[str, dict[str, Any]] = {}
+
+
+def model_config(name: str) -> dict[str, Any]:
+    """The ``config.json`` of a registry model (read once per process; no tokenizer, no weights)."""
+    check_model_name(name)
+    with _LOCK:
+        cfg = _CONFIGS.get(name)
+        if cfg is None:
+            info = _INFO.get(name)
+            if info is not None and info.config:
+                cfg = info.config
+            else:
+                from kvcalib.calib.lm.registry import resolve_model_dir
+
+                _, folder = resolve_model_dir(name, _cache_dir())
+                cfg = json.loads((folder / "config.json").read_text())
+            _CONFIGS[name] = cfg
+        return cfg
 
 
 _ENGINES: dict[tuple[str, str, str], Engine] = {}
 
 
 def get_engine(name: str, device: str = "cpu", dtype: str | None = None) -> Engine:
-    """The process-wide ``Engine`` of a registry model (weights loaded on first use only); ``dtype`` defaults to
-    the settings' ``KVCALIB_WORKER_DTYPE`` (fp32)."""
+    """The process-wide ``Engine`` of a registry model in ``dtype`` (weights loaded on first use only, one engine
+    per (model, device, dtype)); ``dtype`` defaults to the settings' ``KVCALIB_WORKER_DTYPE`` (fp32)."""
     from kvcalib.calib.pipeline import Engine
     from kvcalib.settings import get_settings
 

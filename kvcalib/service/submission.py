@@ -15,7 +15,7 @@ from kvcalib.service import repository as repo
 from kvcalib.service.db import Database
 from kvcalib.service.dispatch import Dispatcher
 from kvcalib.service.errors import ConflictError, NotFoundError, ServiceInputError, TooLargeError, UnavailableError
-from kvcalib.service.inputs import CalibrationParams, DocumentInput
+from kvcalib.service.inputs import CalibrationParams, DocumentInput, params_hash
 from kvcalib.service.leases import LeasePolicy, as_utc, is_live
 from kvcalib.service.orm import CalibrationRun, RunStatus, utcnow
 from kvcalib.service.queries import StoreReader
@@ -66,7 +66,7 @@ class Submitter:
         dispatcher = self._executor()
         config = self.validator.config(p)
         info = model_info(p.model)
-        params, phash = config.to_dict(), config.params_hash()
+        params, phash = config.to_dict(), params_hash(config, p.dtype)
         to_dispatch: list[int] = []
         run_ids: list[int] = []
         with self.db.session() as s:
@@ -82,7 +82,7 @@ class Submitter:
                     raise
                 run, created = repo.get_or_create_run(s, document=row, model=model_row, params=params,
                                                       params_hash=phash, method=p.method, allocator=p.allocator,
-                                                      tolerance=p.tolerance)
+                                                      tolerance=p.tolerance, dtype=p.dtype)
                 run_ids.append(run.id)
                 if created:
                     to_dispatch.append(run.id)
@@ -95,7 +95,7 @@ class Submitter:
             if batch:
                 batch_id = repo.create_batch(s, run_ids=run_ids, params={
                     "model": p.model, "method": p.method, "allocator": p.allocator, "tolerance": p.tolerance,
-                    "options": p.options}).id
+                    "options": p.options, "dtype": p.dtype}).id
         for run_id in dict.fromkeys(to_dispatch):
             if not self._dispatch(dispatcher, run_id):
                 break  # the broker is down: the remaining runs are queued too, and swept later like this one

@@ -55,6 +55,37 @@ def check_names(model: str, method: str | None, allocator: str | None) -> None:
         raise ServiceInputError(f"unknown allocator {allocator!r}: expected one of {available_allocators()}")
 
 
+def check_dtype(dtype: Any) -> str:
+    """fp32 | bf16 | fp16, else a 422 listing them."""
+    from kvcalib.service.runtime import DTYPES
+
+    if dtype not in DTYPES:
+        raise ServiceInputError(f"unknown dtype {_short(dtype)}: expected one of {list(DTYPES)}")
+    return dtype
+
+
+def check_token_ids(ids: Any, info: ModelInfo, limit: int) -> list[int]:
+    """The token ids of a request (what a server prefills): a non-empty list of integers in [0, vocab size) of the
+    model, at most ``limit`` long (the text path's token limit, 413 past it); anything else is a 422 naming the
+    first bad id."""
+    if not isinstance(ids, (list, tuple)):
+        raise ServiceInputError("`token_ids` must be a list of integers")
+    if not ids:
+        raise ServiceInputError("`token_ids` is empty")
+    if len(ids) > limit:
+        raise TooLargeError(f"`token_ids` holds {len(ids)} ids for model {info.name!r}, over the limit of {limit} "
+                            f"tokens (KVCALIB_MAX_DOCUMENT_TOKENS, and the model's context of {info.max_positions} "
+                            f"minus {CONTEXT_RESERVE} reserved)")
+    vocab = info.vocab_size
+    for i, v in enumerate(ids):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ServiceInputError(f"token id {i} is {_short(v)}: token ids must be integers")
+        if not 0 <= v < vocab:
+            raise ServiceInputError(f"token id {i} is {_short(v)}: outside the vocabulary of model {info.name!r} "
+                                    f"([0, {vocab}))")
+    return [int(v) for v in ids]
+
+
 MAX_POSITIONS = 1 << 20  # windows and protected counts beyond any context the service accepts
 # Ranges [lo, hi] of the methods' integer and float hyperparameters, by name (the same name means the same thing
 # in every method): windows, kernels and sink counts > 0, protected counts ≥ 0, ridge ρ ≥ 0. Values outside are a
@@ -136,12 +167,14 @@ class RequestValidator:
         self.settings = settings
 
     def params(self, model: str | None = None, method: str | None = None, allocator: str | None = None,
-               tolerance: float | None = None, options: dict[str, Any] | None = None) -> CalibrationParams:
+               tolerance: float | None = None, options: dict[str, Any] | None = None,
+               dtype: str | None = None) -> CalibrationParams:
         s = self.settings
         p = CalibrationParams(model=model or s.default_model, method=method or s.default_method,
                               allocator=allocator or s.default_allocator,
                               tolerance=s.default_tolerance if tolerance is None else float(tolerance),
-                              options={k: v for k, v in (options or {}).items() if v is not None})
+                              options={k: v for k, v in (options or {}).items() if v is not None},
+                              dtype=check_dtype(dtype or s.worker_dtype))
         check_names(p.model, p.method, p.allocator)
         if not 0.0 < p.tolerance <= 1.0:
             raise ServiceInputError(f"tolerance must be in (0, 1], got {p.tolerance}")

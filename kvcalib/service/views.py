@@ -13,6 +13,7 @@ from typing import Any, Literal
 from kvcalib.service.orm import Batch, CalibrationRun, CurvePoint, Prediction, Profile, RunStatus
 
 BudgetSource = Literal["profile", "predicted"]
+PromptKind = Literal["chat_template", "token_ids"]
 CompressSource = Literal["ratio", "profile", "predicted"]
 PredictorSource = Literal["shipped", "configured", "registered"]
 
@@ -70,6 +71,7 @@ class JobView(CalibrationKey, _JobHead):
     started_at: dt.datetime | None
     finished_at: dt.datetime | None
     result: ProfileSummary | None
+    dtype: str | None = None  # the dtype the job loads the model in (None: from before migration 0004)
 
     @property
     def succeeded(self) -> bool:
@@ -83,7 +85,7 @@ class JobView(CalibrationKey, _JobHead):
                    method=run.method, allocator=run.allocator, tolerance=run.tolerance, params_hash=run.params_hash,
                    params=run.params, created_at=run.created_at, updated_at=run.updated_at,
                    started_at=run.started_at, finished_at=run.finished_at,
-                   result=ProfileSummary.of(profile) if profile else None)
+                   result=ProfileSummary.of(profile) if profile else None, dtype=run.dtype)
 
 
 @dataclass(frozen=True)
@@ -162,6 +164,8 @@ class ProfileView(CalibrationKey, _ProfileHead):
     created_at: dt.datetime
     params: dict[str, Any]
     curve: list[CurvePointView]
+    dtype: str | None = None  # migration 0004 (None on older profiles)
+    ids_hash: str | None = None  # sha256 of the model name + the exact context token ids (token_ids_hash)
 
     @classmethod
     def of(cls, p: Profile, points: Sequence[CurvePoint]) -> ProfileView:
@@ -171,7 +175,51 @@ class ProfileView(CalibrationKey, _ProfileHead):
                    context_tokens=p.context_tokens, monotone=p.monotone, layer_budgets=p.layer_budgets,
                    head_budgets=p.head_budgets, features=p.features, predictor_version=p.predictor_version,
                    seconds=p.seconds, created_at=p.created_at, params=p.run.params,
-                   curve=[CurvePointView(ratio=c.ratio, fidelity=c.fidelity, kl=c.kl) for c in points])
+                   curve=[CurvePointView(ratio=c.ratio, fidelity=c.fidelity, kl=c.kl) for c in points],
+                   dtype=p.dtype, ids_hash=p.ids_hash)
+
+
+@dataclass(frozen=True)
+class ModelShapeView:
+    """What a server needs to lay a budget out (``calib.integrations.servers.ModelShape``)."""
+
+    layers: int
+    kv_heads: int
+    query_heads: int
+    head_dim: int
+    dtype: str  # fp32 | bf16 | fp16: the weights' and the cached keys/values' dtype the budget was measured in
+    model_type: str
+
+    @classmethod
+    def of(cls, d: dict[str, Any] | None) -> ModelShapeView | None:
+        if not d:
+            return None
+        return cls(layers=int(d["layers"]), kv_heads=int(d["kv_heads"]), query_heads=int(d["query_heads"]),
+                   head_dim=int(d["head_dim"]), dtype=str(d["dtype"]), model_type=str(d.get("model_type") or ""))
+
+
+@dataclass(frozen=True)
+class PromptFormatView:
+    """The prompt layout of the context token ids a budget was measured on: ``chat_template`` (kvcalib's: the
+    model's chat template up to the user turn, then the document — ``Engine.prompt(text, q).context_ids``; the
+    document starts at ``doc_start``) or ``token_ids`` (exactly the ids a caller sent)."""
+
+    kind: PromptKind
+    model: str
+    context_tokens: int
+    doc_start: int | None = None  # None: unknown (profiles from before migration 0004)
+    ids_hash: str | None = None
+
+    @classmethod
+    def of(cls, d: dict[str, Any] | None) -> PromptFormatView | None:
+        if not d:
+            return None
+        return cls(kind=d["kind"], model=str(d["model"]), context_tokens=int(d["context_tokens"]),
+                   doc_start=None if d.get("doc_start") is None else int(d["doc_start"]), ids_hash=d.get("ids_hash"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "model": self.model, "context_tokens": self.context_tokens,
+                "doc_start": self.doc_start, "ids_hash": self.ids_hash}
 
 
 @dataclass(frozen=True)
@@ -179,7 +227,7 @@ class BudgetView:
     """The budget of a document for inference servers: a stored profile's, or a prediction's."""
 
     source: BudgetSource
-    document_hash: str
+    document_hash: str | None  # None: predicted from token ids
     model: str
     model_revision: str | None
     method: str
@@ -194,6 +242,11 @@ class BudgetView:
     predictor_version: str | None
     document_id: int | None = None  # predictions only (the stored-budget hot path does not read it)
     features: dict[str, Any] | None = None  # predictions only
+    ids_hash: str | None = None  # sha256 of the model name + the context token ids (token_ids_hash)
+    dtype: str | None = None
+    model_shape: ModelShapeView | None = None
+    prompt_format: PromptFormatView | None = None
+    kept_positions: dict[str, Any] | None = None  # encode_kept_positions, only when asked for
 
 
 @dataclass(frozen=True)
@@ -290,6 +343,8 @@ class PredictionView:
     predictor_kind: str | None
     features: dict[str, Any]
     created_at: dt.datetime
+    ids_hash: str | None = None  # the context token ids' hash (token_ids_hash); None before migration 0004
+    dtype: str | None = None
 
     @classmethod
     def of(cls, p: Prediction) -> PredictionView:
@@ -297,4 +352,4 @@ class PredictionView:
                    method=p.method, allocator=p.allocator, tolerance=p.tolerance, params_hash=p.params_hash,
                    ratio=p.ratio, token_budget=p.token_budget, context_tokens=p.context_tokens,
                    predictor_version=p.predictor_version, predictor_kind=p.predictor_kind, features=p.features,
-                   created_at=p.created_at)
+                   created_at=p.created_at, ids_hash=p.ids_hash, dtype=p.dtype)

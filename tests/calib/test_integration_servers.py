@@ -60,3 +60,45 @@ def test_model_shape(engine):
     assert (shape.layers, shape.kv_heads, shape.query_heads, shape.head_dim) == \
         (spec.num_layers, spec.num_kv_heads, spec.num_heads, spec.head_dim)
     assert shape.dtype == "fp32" and shape.to_dict()["model_type"] == "llama"
+
+
+def test_token_ids_hash_matches_a_naive_recomputation():
+    import hashlib
+
+    from kvcalib.calib.integrations.servers import token_ids_hash
+
+    ids = [0, 1, 255, 256, 49151, 2**31 - 1]
+    naive = hashlib.sha256()
+    naive.update(b"smollm2-135m")
+    naive.update(b"\x00")
+    for i in ids:  # int32 little-endian, byte by byte
+        naive.update(bytes([(i >> (8 * k)) & 0xFF for k in range(4)]))
+    assert token_ids_hash("smollm2-135m", ids) == naive.hexdigest()
+    assert token_ids_hash("smollm2-135m", torch.tensor(ids)) == naive.hexdigest()  # a tensor of the same ids
+    assert token_ids_hash("qwen2.5-coder-0.5b", ids) != naive.hexdigest()  # the model is part of the name
+    assert token_ids_hash("smollm2-135m", ids[:-1]) != naive.hexdigest()
+    assert token_ids_hash("smollm2-135m", []) == hashlib.sha256(b"smollm2-135m\x00").hexdigest()
+    for bad in ([-1], [2**31], [1.0], [True], ["3"]):
+        with pytest.raises(ValueError, match="token id 0"):
+            token_ids_hash("smollm2-135m", bad)
+
+
+def test_token_ids_engine_prefills_exactly_the_ids(engine):
+    from kvcalib.calib.calibration.calibrate import CalibrationConfig, context_ids, featurize
+    from kvcalib.calib.integrations.servers import TokenIdsEngine, shape_from_config
+
+    text = "The committee met on Tuesday to review the budget of the new library. " * 6
+    prompt_ids, start = context_ids(engine, text)
+    eng = TokenIdsEngine(engine, prompt_ids)  # kvcalib's own layout: the same ids, the same document start
+    assert eng.document_start() == start and torch.equal(context_ids(eng, eng.document_text())[0], prompt_ids)
+    config = CalibrationConfig(ratios=(0.5,))
+    _, cap_a, scores_a = featurize(engine, text, config)
+    _, cap_b, scores_b = featurize(eng, eng.document_text(), config)
+    assert torch.equal(cap_a.input_ids, cap_b.input_ids) and torch.allclose(scores_a, scores_b)
+    raw = engine.tokenizer(text, add_special_tokens=False).input_ids  # a server's own layout (no chat header)
+    raw_eng = TokenIdsEngine(engine, raw)
+    assert raw_eng.document_start() == 0
+    _, cap, _ = featurize(raw_eng, raw_eng.document_text(), config)
+    assert cap.input_ids.tolist() == raw
+    shape = shape_from_config(engine.lm.model.config.to_dict(), "fp32")
+    assert shape == model_shape(engine.lm.model)

@@ -105,7 +105,7 @@ def _up_down(url: str) -> None:
 
     from kvcalib.service.db import alembic_config
 
-    assert upgrade(url) == head_revision() == "0003"
+    assert upgrade(url) == head_revision() >= "0003"
     assert {"source", "model", "training_config"} <= _columns(url, "predictors")
     d = Database(url)
     with d.session() as s:
@@ -115,7 +115,7 @@ def _up_down(url: str) -> None:
     command.downgrade(alembic_config(url), "0002")
     assert current_revision(d.engine) == "0002" and _columns(url, "predictions") == set()
     assert "source" not in _columns(url, "predictors") and "artefact" in _columns(url, "predictors")
-    assert upgrade(url) == "0003"
+    assert upgrade(url) == head_revision()
     with d.session() as s:
         assert repo.list_predictions(s) == [] and repo.latest_predictor(s).version == "v1"  # the row stays
     command.downgrade(alembic_config(url), "base")
