@@ -179,6 +179,10 @@ class CalibrationResult:
     model: str = ""
     probe_fidelity: list[list[float]] = field(default_factory=list)  # (R, K) per ratio and probe
     timings: dict[str, float] = field(default_factory=dict)
+    # set by ``calibrate`` only, never serialised: keep_at_r_star (L, Hkv, N) bool, context_ids (N,), doc_start
+    keep_at_r_star = None
+    context_ids = None
+    doc_start = 0
 
     @property
     def params_hash(self) -> str:
@@ -343,14 +347,20 @@ def calibrate(engine: CalibrationEngine, text: str, config: CalibrationConfig | 
         timings["probes_s"] = time.perf_counter() - t0
     progress(0.95, "largest safe ratio")
     r_star, r_grid, monotone = largest_safe_ratio(curve.ratios, curve.fidelity, config.tolerance)
-    layer_b, head_b = budgets_at(scores, r_star, config.allocator, **config.allocator_params)
+    keep_star = budgets.allocate(scores, budgets.Budget(ratio=float(r_star)), config.allocator,
+                                 **config.allocator_params)  # (L, Hkv, N): the kept positions at r*
+    per_head = keep_star.sum(-1)  # (L, Hkv)
+    layer_b, head_b = [int(x) for x in per_head.sum(-1)], [[int(x) for x in row] for row in per_head]
     progress(1.0, f"r* = {r_star:.3f}")
-    return CalibrationResult(
+    result = CalibrationResult(
         config=config, context_tokens=cap.num_tokens, ratios=curve.ratios, fidelity=curve.fidelity, kl=curve.kl,
         r_star=float(r_star), monotone=bool(monotone), features=feats, layer_budgets=layer_b, head_budgets=head_b,
         seconds=time.perf_counter() - t_start, r_star_grid=float(r_grid), content_hash=content_hash(text),
         doc_id=doc_id, model=engine.lm.name, probe_fidelity=curve.probe_fidelity,
         timings={k: round(v, 4) for k, v in timings.items()})
+    # beside the record (not serialised): what a server layout needs without a second prefill
+    result.keep_at_r_star, result.context_ids, result.doc_start = keep_star, cap.input_ids, doc_start
+    return result
 
 
 @dataclass

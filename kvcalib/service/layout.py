@@ -81,15 +81,19 @@ def _layout(engine: Engine, model: str, kind: PromptKind, ids: torch.Tensor, doc
 
 
 def profile_layout(engine: Engine, text: str, config: CalibrationConfig, *, model: str, ratio: float,
-                   head_budgets: Sequence[Sequence[int]]) -> ServerLayout:
+                   head_budgets: Sequence[Sequence[int]], keep: torch.Tensor | None = None,
+                   ids: torch.Tensor | None = None, doc_start: int = 0) -> ServerLayout:
     """The layout of a calibration's profile: the hash of its context ids (kvcalib's chat-template prompt of the
-    text), and the kept positions at r* — the calibration's scores again (one prefill + scoring,
+    text), and the kept positions at r* — ``keep``/``ids``/``doc_start`` of the calibration result when given (no
+    model work), else the calibration's scores again (one prefill + scoring,
     ``calibrate.featurize``: the same scores ``budgets_at`` allocated r*'s budgets from) allocated at ``ratio``.
     When those do not reproduce ``head_budgets`` (non-deterministic kernels), or fail, the positions are left out
     rather than served inconsistent."""
     from kvcalib.calib.budget import Budget, allocate
     from kvcalib.calib.calibration.calibrate import context_ids, featurize
 
+    if keep is not None and ids is not None:  # the calibration's own keep mask at r*: no second prefill
+        return _layout(engine, model, "chat_template", ids, doc_start, keep, config.allocator)
     ids, doc_start = context_ids(engine, text)
     keep = None
     try:

@@ -286,6 +286,9 @@ def test_calibrate_contract(engine, short_text):
     assert res.features["n_tokens"] == n and "context_nll" in res.features and "mass_kept_r0.5" in res.features
     assert 0.0 <= res.features["win_cov_q05_r0.5"] <= 1.0 and 0.0 <= res.features["win_cov_r50"] <= 0.8
     assert [f for f, _ in seen] == sorted(f for f, _ in seen) and seen[-1][0] == 1.0
+    # the kept positions at r* travel beside the record (a server layout needs no second prefill), unserialised
+    assert res.keep_at_r_star.shape == (30, 3, n) and res.keep_at_r_star.sum(-1).tolist() == res.head_budgets
+    assert res.context_ids.numel() == n and 0 < res.doc_start < n and "keep_at_r_star" not in res.to_dict()
     assert len(res.probe_fidelity) == 3 and len(res.probe_fidelity[0]) == 3  # 2 reconstruction + 1 user
     d = res.to_dict()
     assert json.loads(json.dumps(d)) == d and d["params_hash"] == cfg.params_hash()
