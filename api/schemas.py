@@ -37,6 +37,8 @@ class CalibrationOptions(Strict):
     cue_tokens: int | None = Field(None, ge=1, le=512, description="Cue tokens of each probe.")
     seed: int | None = Field(None, ge=0, le=2**31 - 1)
     method_params: dict[str, Any] | None = Field(None, description="Hyperparameters of the scoring method.")
+    fidelity: Literal["reconstruction", "kl", "salient", "keytoken", "self_answer", "self_prob"] | None = Field(
+        None, description="Label-free fidelity of the curve (docs/calibration.md §11; default: the library's).")
 
 
 class CalibrationParamsIn(Strict):

@@ -65,6 +65,9 @@ def calibrate_cmd(
     probe_tokens: Annotated[int | None, typer.Option(help="Scored tokens per probe.")] = None,
     cue_tokens: Annotated[int | None, typer.Option(help="Cue tokens per probe.")] = None,
     seed: Annotated[int, typer.Option(help="Probe span seed.")] = 0,
+    fidelity: Annotated[str | None, typer.Option(help="Label-free fidelity of the curve: reconstruction, kl, "
+                                                      "salient, keytoken, self_answer, self_prob (docs/"
+                                                      "calibration.md §11; default: the library's).")] = None,
     shuffle: Annotated[int | None, typer.Option(help="Shuffle the documents with this seed before --limit.")]
     = None,
     model: Annotated[str, typer.Option(help="Registry name or local HF model folder.")] = defaults.MODEL,
@@ -79,7 +82,8 @@ def calibrate_cmd(
     cfg = {"method": method, "allocator": allocator, "tolerance": tolerance, "seed": seed}
     if ratios is not None:
         cfg["ratios"] = _ratios(ratios)
-    for k, v in (("n_probes", n_probes), ("probe_tokens", probe_tokens), ("cue_tokens", cue_tokens)):
+    for k, v in (("n_probes", n_probes), ("probe_tokens", probe_tokens), ("cue_tokens", cue_tokens),
+                 ("fidelity", fidelity)):
         if v is not None:
             cfg[k] = v
     config = CalibrationConfig.from_dict(cfg)  # bad input fails here, before the model loads

@@ -72,6 +72,7 @@ def test_calibrate_fit_evaluate(engine, corpus, tmp_path):
     (["calibrate", "{corpus}", "--out", "{tmp}/l.jsonl", "--ratios", "a,b"], "--ratios"),
     (["calibrate", "{corpus}", "--out", "{tmp}/l.jsonl", "--tolerance", "2"], "tolerance"),
     (["calibrate", "{corpus}", "--out", "{tmp}/l.jsonl", "--limit", "0"], "--limit"),
+    (["calibrate", "{corpus}", "--out", "{tmp}/l.jsonl", "--fidelity", "bogus"], "unknown fidelity"),
     (["calibrate", "{empty}", "--out", "{tmp}/l.jsonl"], "text"),
     (["fit", "{tmp}/missing.jsonl", "--out", "{tmp}/p"], "does not exist"),
     (["fit", "{garbage}", "--out", "{tmp}/p"], "invalid json"),
