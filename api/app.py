@@ -60,7 +60,8 @@ def create_app(settings: Settings | None = None, *, dispatcher: Dispatcher | Non
             from kvcalib.service.leases import LeasePolicy
             from kvcalib.service.runtime import get_engine
 
-            loader = load_engine or (lambda name, dtype=None: get_engine(name, s.worker_device, dtype))
+            loader = load_engine or (
+                lambda name, dtype=None, device=None: get_engine(name, device or s.worker_device, dtype))
             dispatcher = InProcessDispatcher(db, loader, workers=s.inprocess_workers,
                                              max_attempts=s.job_max_retries + 1, backoff=s.job_retry_backoff,
                                              leases=LeasePolicy.from_settings(s))

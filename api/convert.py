@@ -60,4 +60,4 @@ def document_input(body: DocumentIn | BatchDocument | str) -> DocumentInput:
 
 def params_of(service: Service, body: CalibrationParamsIn) -> CalibrationParams:
     options = body.options.model_dump(exclude_none=True) if body.options is not None else None
-    return service.params(body.model, body.method, body.allocator, body.tolerance, options, body.dtype)
+    return service.params(body.model, body.method, body.allocator, body.tolerance, options, body.dtype, body.device)

@@ -16,11 +16,13 @@ from kvcalib.api.schemas import (
     BatchOut,
     BatchRequest,
     CalibrationOptions,
+    Dtype,
     ErrorOut,
     MethodName,
     ModelName,
 )
 from kvcalib.service import BatchView, ServiceInputError, decode_utf8, parse_jsonl
+from kvcalib.settings import DEVICE_PATTERN
 
 router = APIRouter(tags=["batches"])
 BatchId = Annotated[int, Path(ge=1, le=MAX_ID)]
@@ -51,6 +53,8 @@ def upload_batch(
     allocator: Annotated[AllocatorName | None, Form()] = None,
     tolerance: Annotated[float | None, Form(gt=0.0, le=1.0)] = None,
     options: Annotated[str | None, Form(description="CalibrationOptions as a JSON object.")] = None,
+    dtype: Annotated[Dtype | None, Form(description="As `dtype` of POST /batches.")] = None,
+    device: Annotated[str | None, Form(pattern=DEVICE_PATTERN, description="As `device` of POST /batches.")] = None,
 ) -> JSONResponse:
     text = decode_utf8(file.file.read(), "the uploaded corpus")
     docs = parse_jsonl(text, service.settings.max_batch_documents)
@@ -60,7 +64,7 @@ def upload_batch(
             opts = CalibrationOptions.model_validate(json.loads(options)).model_dump(exclude_none=True)
         except ValueError as exc:  # JSONDecodeError and pydantic.ValidationError are ValueErrors
             raise ServiceInputError(f"invalid `options`: {exc}") from exc
-    p = service.params(model, method, allocator, tolerance, opts)
+    p = service.params(model, method, allocator, tolerance, opts, dtype, device)
     return _respond(request, service.submit_batch(docs, p))
 
 

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt
 from kvcalib.calib.budget import available_allocators
 from kvcalib.calib.lm.registry import available_models
 from kvcalib.calib.scorers import available_methods
+from kvcalib.settings import DEVICE_PATTERN
 
 # The registries as enums: the OpenAPI schema lists the valid choices, and an unknown name is a 422 naming them.
 ModelName = Literal[tuple(available_models())]  # type: ignore[valid-type]
@@ -21,6 +22,7 @@ DocId = Annotated[int, Field(ge=1, le=MAX_ID, description="Id of a stored docume
 Hash = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$", description="SHA-256 (hex) of the document's UTF-8 text.")]
 Ratio = Annotated[float, Field(ge=0.0, lt=1.0)]
 Dtype = Literal["fp32", "bf16", "fp16"]
+Device = Annotated[str, Field(pattern=DEVICE_PATTERN, examples=["cpu", "cuda", "cuda:1"])]
 
 
 class Strict(BaseModel):
@@ -47,6 +49,13 @@ class CalibrationParamsIn(Strict):
         None, description="Dtype of the model's weights and KV cache (default: KVCALIB_WORKER_DTYPE, fp32). The "
                           "service keeps one engine per (model, dtype); profiles and predictions record it, and a "
                           "dtype other than fp32 is another parameter set (another job).")
+    device: Device | None = Field(
+        None, description="Where the model runs: cpu, cuda or cuda:N (default: KVCALIB_WORKER_DEVICE of the process "
+                          "that runs it). One of KVCALIB_ALLOWED_DEVICES (default: the worker device alone), and a "
+                          "device this server has: anything else is a 422 saying why. predict / compress / POST "
+                          "/budget load the model on it here; full calibrations and batches run their jobs on it. "
+                          "The device is not part of the parameters hash: a profile computed on cuda serves cpu "
+                          "requests too (and a job already queued or done for these parameters is answered as is).")
     method: MethodName | None = Field(None, description="Scoring method (default: KVCALIB_DEFAULT_METHOD).")
     allocator: AllocatorName | None = Field(None, description="Budget allocator (default: KVCALIB_DEFAULT_ALLOCATOR).")
     tolerance: float | None = Field(None, gt=0.0, le=1.0, description="Fidelity tolerance τ: r* is the largest ratio "
@@ -203,6 +212,8 @@ class JobOut(CalibrationKeyOut, _JobHead):
     result: ProfileSummary | None = None
     profile_url: str | None = None
     dtype: str | None = Field(None, description="The dtype the job runs the model in.")
+    device: str | None = Field(None, description="The device the job runs the model on (null: the worker's "
+                                                 "KVCALIB_WORKER_DEVICE).")
 
 
 class CurvePointOut(BaseModel):

@@ -4,6 +4,7 @@
 >>> kv = KvcalibClient("http://127.0.0.1:8000", token=None)
 >>> b = kv.budget(content_hash(doc))               # stored profile, cached locally (LRU + TTL); None if absent
 >>> b = kv.budget(text=doc, predict_missing=True)  # … else the predicted budget (POST /budget)
+>>> b = kv.budget(text=doc, predict_missing=True, dtype="bf16", device="cuda")  # predicted in bf16 on the GPU
 >>> b.ratio, b.token_budget, b.head_budgets        # r*, mean kept tokens per head, (L, Hkv) counts
 >>> ckv = kv.compress(doc)                          # the compressed cache itself (safetensors → CompressedKV)
 >>> kv.predictors()["defaults"]                     # model → predictor serving it (shipped by default)
@@ -157,14 +158,17 @@ class KvcalibClient:
     # ------------------------------------------------------------------ budgets
     def budget(self, document_hash: str | None = None, *, text: str | None = None, model: str | None = None,
                tolerance: float | None = None, method: str | None = None, allocator: str | None = None,
-               predict_missing: bool = False, use_cache: bool = True) -> BudgetInfo | None:
-        """The budget of a document: its stored profile (``GET /budget``), else — with ``predict_missing`` and the
-        ``text`` — a predicted budget (``POST /budget``), else None."""
+               dtype: str | None = None, device: str | None = None, predict_missing: bool = False,
+               use_cache: bool = True) -> BudgetInfo | None:
+        """The budget of a document: its stored profile (``GET /budget``; ``dtype``: only one measured in it), else
+        — with ``predict_missing`` and the ``text`` — a predicted budget (``POST /budget``, the model in ``dtype``
+        on ``device``: cpu, cuda or cuda:N, one the server allows), else None. The device is not part of the cache
+        key: it changes where a budget is computed, not the budget."""
         if document_hash is None:
             if text is None:
                 raise ValueError("give document_hash or text")
             document_hash = content_hash(text)
-        key = (document_hash, model, tolerance, method, allocator)
+        key = (document_hash, model, tolerance, method, allocator, dtype)
         if use_cache:
             hit = self.cache.get(key)
             if isinstance(hit, BudgetInfo):
@@ -172,11 +176,12 @@ class KvcalibClient:
             if hit == _NOT_FOUND and not (predict_missing and text is not None):
                 return None
         params = {"document_hash": document_hash, "model": model, "tolerance": tolerance, "method": method,
-                  "allocator": allocator}
+                  "allocator": allocator, "dtype": dtype}
         r = self.http.get("/budget", params={k: v for k, v in params.items() if v is not None})
         if r.status_code == 404:
             if predict_missing and text is not None:
-                b = self.predict_budget(text, model=model, tolerance=tolerance, method=method, allocator=allocator)
+                b = self.predict_budget(text, model=model, tolerance=tolerance, method=method, allocator=allocator,
+                                        dtype=dtype, device=device)
                 self.cache.put(key, b, ttl=self.negative_ttl)  # a prediction is replaced by a profile later
                 return b
             self.cache.put(key, _NOT_FOUND, ttl=self.negative_ttl)
@@ -187,6 +192,8 @@ class KvcalibClient:
         return b
 
     def predict_budget(self, text: str, **params) -> BudgetInfo:
+        """``POST /budget`` of a document: its stored profile, else a prediction; ``params``: model, tolerance,
+        method, allocator, dtype, device."""
         body = {"text": text, **{k: v for k, v in params.items() if v is not None}}
         r = self.http.post("/budget", json=body)
         self._raise(r)
@@ -195,7 +202,7 @@ class KvcalibClient:
     def token_ids_budget(self, token_ids: list[int], *, include_positions: bool = False, **params) -> BudgetInfo:
         """The budget of exactly the token ids a server prefills (``POST /budget`` with ``token_ids``): their stored
         profile, else a prediction from a prefill of those ids; ``params``: model, tolerance, method, allocator,
-        dtype. Not cached."""
+        dtype, device. Not cached."""
         body = {"token_ids": [int(i) for i in token_ids], "include_positions": include_positions,
                 **{k: v for k, v in params.items() if v is not None}}
         r = self.http.post("/budget", json=body)
@@ -205,7 +212,8 @@ class KvcalibClient:
     # ------------------------------------------------------------------ calibration
     def calibrate(self, text: str | None = None, *, document_id: int | None = None, wait: bool = False,
                   poll: float = 0.5, timeout: float = 600.0, **params) -> dict:
-        """Submit a full calibration; with ``wait`` poll the job until it finishes. Returns the job."""
+        """Submit a full calibration; with ``wait`` poll the job until it finishes. Returns the job. ``params``:
+        model, method, allocator, tolerance, options, dtype, device (where the job runs)."""
         body = {"mode": "full", "text": text, "document_id": document_id, **params}
         r = self.http.post("/calibrate", json={k: v for k, v in body.items() if v is not None})
         self._raise(r)

@@ -8,13 +8,17 @@ executed in-process (a background thread pool of the API process). See ``docs/se
 from __future__ import annotations
 
 import functools
+import json
+import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from kvcalib.calib import defaults
+
+DEVICE_PATTERN = r"^(cpu|cuda(:[0-9]{1,3})?)$"  # the devices a request may name: cpu, cuda, cuda:N
 
 
 def _default_cache_dir() -> Path:
@@ -51,6 +55,10 @@ class Settings(BaseSettings):
     gpu_queue: str = Field(default="kvcalib-gpu", description="Celery queue consumed by GPU workers.")
     route_to_gpu: bool = Field(default=False, description="Route calibration jobs to the GPU queue.")
     worker_device: str = Field(default="cpu", description="Torch device of the model in workers (cpu, cuda).")
+    allowed_devices: Annotated[list[str] | None, NoDecode] = Field(
+        default=None, description="Devices a request may ask for (its `device`: cpu, cuda, cuda:N), comma-separated "
+                                  "(or a JSON list). Default: the worker device only. With a broker, list the "
+                                  "devices the workers have: the API process only checks the ones it runs on.")
     worker_dtype: Literal["fp32", "bf16", "fp16"] = Field(
         default="fp32", description="Dtype of the model weights and KV cache in the service's engines.")
     broker_visibility_timeout: int = Field(
@@ -125,7 +133,30 @@ class Settings(BaseSettings):
     def _empty_is_none(cls, v):
         return None if isinstance(v, str) and not v.strip() else v
 
+    @field_validator("allowed_devices", mode="before")
+    @classmethod
+    def _split_devices(cls, v):
+        if isinstance(v, str):
+            v = v.strip()
+            if not v:
+                return None
+            v = json.loads(v) if v.startswith("[") else [d.strip() for d in v.split(",") if d.strip()]
+        return v
+
+    @field_validator("allowed_devices")
+    @classmethod
+    def _check_devices(cls, v):
+        for d in v or ():
+            if re.fullmatch(DEVICE_PATTERN, d) is None:
+                raise ValueError(f"unknown device {d!r}: expected cpu, cuda or cuda:N")
+        return list(dict.fromkeys(v)) if v else None
+
     # ------------------------------------------------------------------ derived
+    @property
+    def devices(self) -> list[str]:
+        """The devices a request may name (``allowed_devices``, default: the worker device alone)."""
+        return list(self.allowed_devices) if self.allowed_devices else [self.worker_device]
+
     @property
     def db_url(self) -> str:
         if self.database_url:

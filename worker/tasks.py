@@ -42,11 +42,12 @@ def database():
         return _db
 
 
-def load_engine(name: str, dtype: str | None = None):
-    """The worker's engine of a model in ``dtype`` (None: ``KVCALIB_WORKER_DTYPE``), one per (model, dtype)."""
+def load_engine(name: str, dtype: str | None = None, device: str | None = None):
+    """The worker's engine of a model in ``dtype`` (None: ``KVCALIB_WORKER_DTYPE``) on ``device`` (None:
+    ``KVCALIB_WORKER_DEVICE``; a run's requested device), one per (model, device, dtype)."""
     from kvcalib.service.runtime import get_engine
 
-    return get_engine(name, settings().worker_device, dtype)
+    return get_engine(name, device or settings().worker_device, dtype)
 
 
 @signals.worker_init.connect

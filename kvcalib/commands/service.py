@@ -171,6 +171,9 @@ def batch(
     n_probes: Annotated[int | None, typer.Option(help="Probes per document.")] = None,
     dtype: Annotated[str | None, typer.Option(help="Model dtype: fp32, bf16 or fp16 (default: "
                                                    "KVCALIB_WORKER_DTYPE).")] = None,
+    device: Annotated[str | None, typer.Option(help="Device the jobs run on: cpu, cuda or cuda:N (default: "
+                                                    "KVCALIB_WORKER_DEVICE; one of KVCALIB_ALLOWED_DEVICES).")]
+    = None,
     wait: Annotated[bool, typer.Option(help="Show progress until the batch is done.")] = True,
     poll: Annotated[float, typer.Option(help="Seconds between progress polls.")] = 1.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the final batch as JSON.")] = False,
@@ -186,7 +189,7 @@ def batch(
     if n_probes is not None:
         options["n_probes"] = n_probes
     params = {"model": model, "method": method, "allocator": allocator, "tolerance": tolerance,
-              "options": options or None, "dtype": dtype}
+              "options": options or None, "dtype": dtype, "device": device}
     if api:
         final = _batch_via_api(api, token, docs, params, wait, poll, as_json)
     else:
@@ -245,7 +248,8 @@ def _batch_direct(docs, params, wait, poll, quiet) -> dict:
         from kvcalib.service.jobs import InProcessDispatcher
         from kvcalib.service.runtime import get_engine
 
-        dispatcher = InProcessDispatcher(db, lambda name, dtype=None: get_engine(name, s.worker_device, dtype),
+        dispatcher = InProcessDispatcher(db, lambda name, dtype=None, device=None:
+                                         get_engine(name, device or s.worker_device, dtype),
                                          s.inprocess_workers,
                                          s.job_max_retries + 1, s.job_retry_backoff)
         if not wait:
@@ -257,7 +261,7 @@ def _batch_direct(docs, params, wait, poll, quiet) -> dict:
     service = Service(db, s, dispatcher)
     try:
         p = service.params(params["model"], params["method"], params["allocator"], params["tolerance"],
-                           params["options"], params["dtype"])
+                           params["options"], params["dtype"], params["device"])
         b = asdict(service.submit_batch([DocumentInput(**d) for d in docs], p))
         if not wait:
             return json.loads(json.dumps({k: v for k, v in b.items() if k != "items"}, default=str))

@@ -77,6 +77,7 @@ class Budgets:
         """A stored profile when the document is calibrated at τ (``prefer_profile``), else the predictor's
         budget (synchronous), stored in ``predictions`` (by the document's hash: also when the document itself is not
         stored). ``persist`` stores the document (its text unless in hash-only mode)."""
+        self.validator.check_local_device(p)  # the model would run here: a device this process lacks is a 422
         config = self.validator.config(p)
         info = model_info(p.model)
         with self.db.session() as s:
@@ -100,6 +101,7 @@ class Budgets:
         model's vocabulary, within the text path's token limit."""
         from kvcalib.calib.integrations.servers import token_ids_hash
 
+        self.validator.check_local_device(p)
         config = self.validator.config(p)
         info = model_info(p.model)
         ids = check_token_ids(token_ids, info, self.validator.token_limit(info))
@@ -122,7 +124,7 @@ class Budgets:
         predictor = self.predictors.for_request(config, p)
 
         def work():
-            engine = load_at(self.load_engine, p.model, p.dtype)
+            engine = load_at(self.load_engine, p.model, p.dtype, p.device)
             with user_params_errors(p):
                 return predict_with_layout(engine, config, predictor, model=info.name, text=text,
                                            token_ids=token_ids)

@@ -30,6 +30,7 @@ class Compressor:
         from kvcalib.calib.cache.ragged import RaggedKVCache
         from kvcalib.calib.calibration.calibrate import budgets_at, featurize
 
+        self.validator.check_local_device(p)  # the model runs here: a device this process lacks is a 422
         config = self.validator.config(p)
         info = model_info(p.model)
         with self.db.session() as s:
@@ -43,7 +44,7 @@ class Compressor:
 
         def work() -> CompressedCache:  # in a slot of the limiter: 429 past the cap, 503 past the time limit
             ratio_, source, version = ratio, "ratio", None  # CompressSource
-            engine = load_at(self.load_engine, p.model, p.dtype)
+            engine = load_at(self.load_engine, p.model, p.dtype, p.device)
             with user_params_errors(p):
                 feats, cap, scores = featurize(engine, resolved.text, config)  # scores: (L, Hkv, N)
                 counts = None

@@ -57,8 +57,8 @@ class Service:
         self.db = db
         self.settings = settings
         self.dispatcher = dispatcher
-        self.load_engine: EngineLoader = dtype_aware(
-            load_engine or (lambda name, dtype=None: get_engine(name, settings.worker_device, dtype)))
+        self.load_engine: EngineLoader = dtype_aware(load_engine or (
+            lambda name, dtype=None, device=None: get_engine(name, device or settings.worker_device, dtype)))
         self.validator = RequestValidator(settings)
         self.reader = StoreReader(db)
         self.submitter = Submitter(db, settings, dispatcher, self.validator, self.reader)
@@ -71,10 +71,11 @@ class Service:
     # ------------------------------------------------------------------------------------------------ validation
     def params(self, model: str | None = None, method: str | None = None, allocator: str | None = None,
                tolerance: float | None = None, options: dict[str, Any] | None = None,
-               dtype: str | None = None) -> CalibrationParams:
-        """Request parameters with the settings' defaults filled in (``dtype``: ``KVCALIB_WORKER_DTYPE``),
-        validated (unknown names → 422)."""
-        return self.validator.params(model, method, allocator, tolerance, options, dtype)
+               dtype: str | None = None, device: str | None = None) -> CalibrationParams:
+        """Request parameters with the settings' defaults filled in (``dtype``: ``KVCALIB_WORKER_DTYPE``; ``device``
+        None: the executing process's ``KVCALIB_WORKER_DEVICE``), validated (unknown names, a device that is not
+        allowed or, where the model runs in this process, that it does not have → 422)."""
+        return self.validator.params(model, method, allocator, tolerance, options, dtype, device)
 
     # ------------------------------------------------------------------------------------------------ jobs, batches
     def submit(self, doc: DocumentInput, p: CalibrationParams) -> tuple[JobView, bool]:

@@ -39,6 +39,9 @@ class CalibrationParams:
     tolerance: float
     options: dict[str, Any] = field(default_factory=dict)  # CalibrationConfig overrides (ratios, n_probes, …)
     dtype: str = "fp32"  # fp32 | bf16 | fp16: the dtype the model runs in (default: KVCALIB_WORKER_DTYPE)
+    # cpu | cuda | cuda:N: where the model runs (None: the executing process's KVCALIB_WORKER_DEVICE). Not part of the
+    # parameters hash: a profile computed on cuda serves cpu requests too.
+    device: str | None = None
 
     @property
     def custom_method_params(self) -> bool:

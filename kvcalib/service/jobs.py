@@ -113,13 +113,13 @@ def execute_run(db: Database, run_id: int, load_engine: EngineLoader, max_attemp
                      task_id=task_id):
             return Outcome("busy", run_id, error="claimed by another execution")
         text, model_name, revision = run.document.text, run.model.name, run.model.revision
-        params, dtype = dict(run.params), run.dtype
+        params, dtype, device = dict(run.params), run.dtype, run.device
 
     # ---- 2. calibrate (then the layout for servers: context ids' hash, model shape, kept positions at r*)
     try:
         with Heartbeat(db, run_id, owner, policy) as heartbeat:
             config = CalibrationConfig.from_dict(params)
-            engine = load_at(dtype_aware(load_engine), model_name, dtype)
+            engine = load_at(dtype_aware(load_engine), model_name, dtype, device)  # a missing device: failed
             heartbeat.check()
             got = engine.lm.spec.revision
             if got != revision:

@@ -115,6 +115,9 @@ class CalibrationRun(StoreTable):
     task_id: Mapped[str | None] = mapped_column(String(200), nullable=True)
     # fp32 | bf16 | fp16: the dtype the job loads the model in (None: rows from before 0004, the loader's default)
     dtype: Mapped[str | None] = mapped_column(String(8), nullable=True)
+    # cpu | cuda | cuda:N: the device the job loads the model on (None: the executing worker's KVCALIB_WORKER_DEVICE;
+    # migration 0005). Not part of ``params_hash``: a profile computed on cuda serves cpu requests too.
+    device: Mapped[str | None] = mapped_column(String(16), nullable=True)
     # The lease (``kvcalib.service.leases``): who executes the run and until when, renewed by its heartbeat; a run
     # whose lease expired, or queued with no message since ``dispatched_at``, is sent again by the sweeper.
     lease_owner: Mapped[str | None] = mapped_column(String(200), nullable=True)

@@ -129,10 +129,12 @@ def forget_texts(s: Session, *, document_id: int | None = None) -> int:
 
 # ---------------------------------------------------------------------------------------------------- runs (jobs)
 def get_or_create_run(s: Session, *, document: Document, model: Model, params: dict, params_hash: str, method: str,
-                      allocator: str, tolerance: float, dtype: str | None = None) -> tuple[CalibrationRun, bool]:
+                      allocator: str, tolerance: float, dtype: str | None = None,
+                      device: str | None = None) -> tuple[CalibrationRun, bool]:
     """The run of (document, model, params hash); ``created`` tells whether this call inserted it. ``dtype``: the
     dtype the job loads the model in (a dtype other than fp32 is part of ``params_hash``,
-    ``kvcalib.service.inputs.params_hash``)."""
+    ``kvcalib.service.inputs.params_hash``); ``device``: where it runs (None: the worker's device; never part of
+    ``params_hash``)."""
     key = (CalibrationRun.document_id == document.id, CalibrationRun.model_id == model.id,
            CalibrationRun.params_hash == params_hash)
     run = s.scalars(select(CalibrationRun).where(*key)).one_or_none()
@@ -143,6 +145,7 @@ def get_or_create_run(s: Session, *, document: Document, model: Model, params: d
         "document_id": document.id, "model_id": model.id, "params_hash": params_hash, "params": params,
         "method": method, "allocator": allocator, "tolerance": tolerance, "status": RunStatus.queued.value,
         "progress": 0.0, "attempts": 0, "created_at": now, "updated_at": now, "message": "queued", "dtype": dtype,
+        "device": device,
     }, conflict=["document_id", "model_id", "params_hash"])
     run = s.scalars(select(CalibrationRun).where(*key)).one()
     return run, inserted == 1

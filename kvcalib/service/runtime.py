@@ -5,8 +5,9 @@ One ``Engine`` per (model, device, dtype) serves every thread of the process at 
 a ``--pool threads`` worker: model calls keep their state per call (``calib.lm.hooks``), so they need no lock here.
 Loading an engine holds its own lock, not the one of ``model_info``: validating a request never waits for weights.
 
-Engine loaders take ``(name, dtype)`` (``EngineLoader``); ``dtype_aware`` adapts a one-argument loader (a test's
-``lambda name: engine``) and ``load_at`` refuses an engine whose dtype is not the one asked for."""
+Engine loaders take ``(name, dtype, device)`` (``EngineLoader``); ``dtype_aware`` adapts a loader that takes fewer
+(a test's ``lambda name: engine``, a ``lambda name, dtype=None: …``) and ``load_at`` refuses a device this process
+does not have (``device_problem``) and an engine whose dtype is not the one asked for."""
 
 from __future__ import annotations
 
@@ -60,31 +61,62 @@ DTYPES = ("fp32", "bf16", "fp16")
 
 
 class EngineLoader(Protocol):
-    """Registry model name (and dtype; None: the loader's default, ``KVCALIB_WORKER_DTYPE``) → its process-wide
-    engine."""
+    """Registry model name (dtype, device; None: the loader's defaults, ``KVCALIB_WORKER_DTYPE`` and
+    ``KVCALIB_WORKER_DEVICE``) → its process-wide engine."""
 
-    def __call__(self, name: str, dtype: str | None = None) -> ServiceEngine: ...
+    def __call__(self, name: str, dtype: str | None = None, device: str | None = None) -> ServiceEngine: ...
 
 
 def dtype_aware(loader: Callable[..., ServiceEngine]) -> EngineLoader:
-    """``loader`` when it takes a dtype; a one-argument loader (``lambda name: engine``) otherwise serves its own
-    engine whatever the dtype (``load_at`` then refuses a dtype it does not have)."""
+    """``loader`` when it takes a dtype and a device; a loader without them (``lambda name: engine``,
+    ``lambda name, dtype=None: …``) gets only the arguments it takes and otherwise serves its own engine (``load_at``
+    then refuses a dtype it does not have)."""
     try:
         params = inspect.signature(loader).parameters
     except (TypeError, ValueError):  # pragma: no cover - builtins
         return loader  # type: ignore[return-value]
-    if "dtype" in params or any(p.kind == p.VAR_KEYWORD for p in params.values()):
+    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        return loader  # type: ignore[return-value]
+    takes = {k for k in ("dtype", "device") if k in params}
+    if takes == {"dtype", "device"}:
         return loader  # type: ignore[return-value]
 
-    def load(name: str, dtype: str | None = None) -> ServiceEngine:
-        return loader(name)
+    def load(name: str, dtype: str | None = None, device: str | None = None) -> ServiceEngine:
+        given = {"dtype": dtype, "device": device}
+        return loader(name, **{k: given[k] for k in takes})
 
     return load
 
 
-def load_at(loader: EngineLoader, name: str, dtype: str | None) -> ServiceEngine:
-    """The engine of ``name`` in ``dtype`` (None: the loader's default); an engine in another dtype is refused."""
-    engine = loader(name, dtype=dtype)
+def device_problem(device: str) -> str | None:
+    """Why this process cannot run a model on ``device`` (cpu, cuda, cuda:N), or None when it can."""
+    if device == "cpu":
+        return None
+    import torch
+
+    if not device.startswith("cuda"):
+        return f"unknown device {device!r}: expected cpu, cuda or cuda:N"
+    if not torch.cuda.is_available():
+        return (f"device {device!r} does not exist on this server: torch finds no CUDA device here "
+                f"(CUDA build: {torch.version.cuda or 'none'})")
+    n = torch.cuda.device_count()
+    index = int(device.split(":", 1)[1]) if ":" in device else 0
+    if index >= n:
+        return (f"device {device!r} does not exist on this server: it has {n} CUDA device(s), "
+                f"cuda:0 to cuda:{n - 1}")
+    return None
+
+
+def load_at(loader: EngineLoader, name: str, dtype: str | None, device: str | None = None) -> ServiceEngine:
+    """The engine of ``name`` in ``dtype`` on ``device`` (None: the loader's defaults); a device this process does
+    not have is an input error (``KvcalibError``), an engine in another dtype is refused."""
+    if device is None:
+        engine = loader(name, dtype=dtype)
+    else:
+        problem = device_problem(device)
+        if problem is not None:
+            raise KvcalibError(problem)
+        engine = loader(name, dtype=dtype, device=device)
     got = getattr(getattr(getattr(engine, "lm", None), "spec", None), "dtype", None)
     if dtype is not None and got is not None and got != dtype:
         raise KvcalibError(f"model {name!r} is loaded in {got} in this process, not {dtype}")

@@ -2,7 +2,8 @@
 group them into batches, retry failed jobs and resume unfinished ones after a restart.
 
 A run is keyed by (document, model, parameters hash), so submitting the same request twice returns the same job
-(already finished, or still running) and computes nothing twice."""
+(already finished, or still running) and computes nothing twice. The device a request asks for is not part of that
+key: it is where the job runs (recorded on the run, read by the executing worker), not what it computes."""
 
 from __future__ import annotations
 
@@ -82,12 +83,13 @@ class Submitter:
                     raise
                 run, created = repo.get_or_create_run(s, document=row, model=model_row, params=params,
                                                       params_hash=phash, method=p.method, allocator=p.allocator,
-                                                      tolerance=p.tolerance, dtype=p.dtype)
+                                                      tolerance=p.tolerance, dtype=p.dtype, device=p.device)
                 run_ids.append(run.id)
                 if created:
                     to_dispatch.append(run.id)
                 elif run.status == RunStatus.failed.value or self._stale(run):
                     repo.requeue_run(s, run=run)
+                    run.device = p.device  # the device is not in the parameters hash: this request's device runs it
                     to_dispatch.append(run.id)
             if to_dispatch:  # a down broker answers 503 before anything is committed (the session rolls back);
                 dispatcher.check()  # finished documents need no broker: their stored result is answered
@@ -95,7 +97,7 @@ class Submitter:
             if batch:
                 batch_id = repo.create_batch(s, run_ids=run_ids, params={
                     "model": p.model, "method": p.method, "allocator": p.allocator, "tolerance": p.tolerance,
-                    "options": p.options, "dtype": p.dtype}).id
+                    "options": p.options, "dtype": p.dtype, **({"device": p.device} if p.device else {})}).id
         for run_id in dict.fromkeys(to_dispatch):
             if not self._dispatch(dispatcher, run_id):
                 break  # the broker is down: the remaining runs are queued too, and swept later like this one

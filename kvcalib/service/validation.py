@@ -64,6 +64,28 @@ def check_dtype(dtype: Any) -> str:
     return dtype
 
 
+def check_device(device: Any, settings: Settings, local: bool = True) -> str:
+    """A request's device: cpu, cuda or cuda:N (else a 422), one of the deployment's ``allowed_devices`` (else a 422
+    naming them) and, when ``local`` (this process runs the model), a device this process has (else a 422 saying
+    what is missing)."""
+    import re
+
+    from kvcalib.settings import DEVICE_PATTERN
+
+    if not isinstance(device, str) or re.fullmatch(DEVICE_PATTERN, device) is None:
+        raise ServiceInputError(f"unknown device {_short(device)}: expected cpu, cuda or cuda:N")
+    if local:
+        from kvcalib.service.runtime import device_problem
+
+        problem = device_problem(device)
+        if problem is not None:
+            raise ServiceInputError(problem)
+    if device not in settings.devices:
+        raise ServiceInputError(f"device {device!r} is not allowed on this server: allowed devices are "
+                                f"{settings.devices} (KVCALIB_ALLOWED_DEVICES)")
+    return device
+
+
 def check_token_ids(ids: Any, info: ModelInfo, limit: int) -> list[int]:
     """The token ids of a request (what a server prefills): a non-empty list of integers in [0, vocab size) of the
     model, at most ``limit`` long (the text path's token limit, 413 past it); anything else is a 422 naming the
@@ -168,13 +190,17 @@ class RequestValidator:
 
     def params(self, model: str | None = None, method: str | None = None, allocator: str | None = None,
                tolerance: float | None = None, options: dict[str, Any] | None = None,
-               dtype: str | None = None) -> CalibrationParams:
+               dtype: str | None = None, device: str | None = None) -> CalibrationParams:
+        """``device`` (None: the executing process's worker device) is checked against the allowed devices and,
+        when jobs run in this process (embedded), against the devices it has; synchronous paths check the latter
+        themselves (``check_local_device``)."""
         s = self.settings
         p = CalibrationParams(model=model or s.default_model, method=method or s.default_method,
                               allocator=allocator or s.default_allocator,
                               tolerance=s.default_tolerance if tolerance is None else float(tolerance),
                               options={k: v for k, v in (options or {}).items() if v is not None},
-                              dtype=check_dtype(dtype or s.worker_dtype))
+                              dtype=check_dtype(dtype or s.worker_dtype),
+                              device=None if device is None else check_device(device, s, local=s.embedded))
         check_names(p.model, p.method, p.allocator)
         if not 0.0 < p.tolerance <= 1.0:
             raise ServiceInputError(f"tolerance must be in (0, 1], got {p.tolerance}")
@@ -182,6 +208,11 @@ class RequestValidator:
 
         p.options = with_promoted_params(p.options, p.model, p.method, p.allocator, s.data_dir)
         return p
+
+    def check_local_device(self, p: CalibrationParams) -> None:
+        """A synchronous request runs its model in this process: its device must exist here (else a 422)."""
+        if p.device is not None:
+            check_device(p.device, self.settings, local=True)
 
     def config(self, p: CalibrationParams) -> CalibrationConfig:
         """The validated ``CalibrationConfig`` of request parameters (its errors are KvcalibErrors → 422)."""

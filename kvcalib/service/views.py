@@ -72,6 +72,7 @@ class JobView(CalibrationKey, _JobHead):
     finished_at: dt.datetime | None
     result: ProfileSummary | None
     dtype: str | None = None  # the dtype the job loads the model in (None: from before migration 0004)
+    device: str | None = None  # the device the job runs on (None: the worker's KVCALIB_WORKER_DEVICE)
 
     @property
     def succeeded(self) -> bool:
@@ -85,7 +86,8 @@ class JobView(CalibrationKey, _JobHead):
                    method=run.method, allocator=run.allocator, tolerance=run.tolerance, params_hash=run.params_hash,
                    params=run.params, created_at=run.created_at, updated_at=run.updated_at,
                    started_at=run.started_at, finished_at=run.finished_at,
-                   result=ProfileSummary.of(profile) if profile else None, dtype=run.dtype)
+                   result=ProfileSummary.of(profile) if profile else None, dtype=run.dtype,
+                   device=run.device)
 
 
 @dataclass(frozen=True)
