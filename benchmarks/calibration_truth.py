@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py beside it, also under -m
-from calibration_truth_analysis import compare_fidelities, evaluate_split, passkey_check  # noqa: E402
+from calibration_truth_analysis import compare_fidelities, evaluate_full, evaluate_split, passkey_check  # noqa: E402
 from common import write_report  # noqa: E402
 
 
@@ -146,6 +146,46 @@ def label(args) -> None:
                             f"counted {rec['n_counted']} {time.perf_counter() - t0:.0f}s")
 
 
+# ---------------------------------------------------------------------------------------------------- fidelity
+def add_fidelity(args) -> None:
+    """Add fidelity curves (``--fidelities``) to truth records labelled without them: each document is rebuilt
+    from the same genre / cut arguments and question seed (its content hash checked), prefilled and probed again;
+    the truth is kept as labelled. Resumable (appends to ``--out``)."""
+    from tqdm import tqdm
+
+    from kvcalib.calib.calibration.calibrate import CalibrationConfig, _noop, _prepare
+    from kvcalib.calib.calibration.fidelity import fidelity_curves
+    from kvcalib.calib.calibration.truth import item_token_spans
+    from kvcalib.calib.data.hashing import content_hash
+    from kvcalib.calib.data.questions import QuestionConfig, make_questions
+    from kvcalib.calib.pipeline import Engine
+
+    fids = tuple(f for f in args.fidelities.split(",") if f)
+    eng = Engine.load(args.model)
+    records = [json.loads(x) for x in Path(args.labels).read_text(encoding="utf-8").splitlines() if x.strip()]
+    if args.shard:
+        i, n = (int(x) for x in args.shard.split("/"))
+        records = records[i::n]
+    out = Path(args.out)
+    done = {json.loads(x)["id"] for x in out.read_text(encoding="utf-8").splitlines() if x.strip()} \
+        if out.is_file() else set()
+    texts = dict(documents(eng.tokenizer, args.genre, 10**6, args.min_tokens, args.max_tokens, args.seed,
+                           args.per_source, args.corpus))
+    qcfg = QuestionConfig(*(int(x) for x in args.questions.split(","))).validate()
+    for rec in tqdm([r for r in records if r["id"] not in done], desc="fidelity", unit="doc", mininterval=5):
+        doc = make_questions(texts[rec["id"]], rec["question_seed"], qcfg)
+        if content_hash(doc.text) != rec["content_hash"]:
+            raise SystemExit(f"{rec['id']}: rebuilt document differs (other --genre/--seed/--*-tokens/--questions?)")
+        config = CalibrationConfig.from_dict(rec["config"])
+        cap, doc_start, _, keep, _, _ = _prepare(eng, doc.text, config, _noop)
+        avoid = item_token_spans(eng, doc.text, doc.spans)
+        rec = dict(rec, fidelity=fidelity_curves(eng, cap, doc_start, keep, fids, n_probes=config.n_probes,
+                                                 cue_tokens=config.cue_tokens, probe_tokens=config.probe_tokens,
+                                                 seed=config.seed, avoid=avoid))
+        with out.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(rec, allow_nan=False) + "\n")
+
+
 # ---------------------------------------------------------------------------------------------------- ship
 SHIP_SPLIT = (0.5, 0.5, 0.0)  # train / calibration / (no) test: the held-out test is another genre
 
@@ -211,19 +251,41 @@ def main() -> None:
     ev.add_argument("--bootstrap", type=int, default=2000)
     ev.add_argument("--predictors-out", default="results/truth/predictors")
     ev.add_argument("--out", default="results/calibration_truth.json")
+    fd = sub.add_parser("fidelity", help="add fidelity curves to truth records labelled without them")
+    fd.add_argument("labels")
+    fd.add_argument("--out", required=True)
+    fd.add_argument("--genre", choices=sorted(GENRES), required=True)
+    fd.add_argument("--corpus", default=None)
+    fd.add_argument("--min-tokens", type=int, default=1000)
+    fd.add_argument("--max-tokens", type=int, default=2000)
+    fd.add_argument("--per-source", type=int, default=3)
+    fd.add_argument("--seed", type=int, default=0)
+    fd.add_argument("--questions", default="4,4,0,2")
+    fd.add_argument("--fidelities", default="reconstruction")
+    fd.add_argument("--shard", default=None, help="I/N: every N-th record from the I-th")
+    fd.add_argument("--model", default="smollm2-135m")
     sh = sub.add_parser("ship", help="compact labels + fitted predictors into the package (shipped default)")
     sh.add_argument("labels")
     sh.add_argument("--model", default="smollm2-135m")
     sh.add_argument("--epsilon", type=float, default=0.05)
     sh.add_argument("--alpha", type=float, default=0.1)
     sh.add_argument("--seed", type=int, default=0)
+    ef = sub.add_parser("evaluate-full", help="risk control over the calibration's r* (mode=full), held out")
+    ef.add_argument("--fit", required=True)
+    ef.add_argument("--test", required=True)
+    ef.add_argument("--epsilon", type=float, default=0.05)
+    ef.add_argument("--tau", type=float, default=0.95)
+    ef.add_argument("--seed", type=int, default=0)
+    ef.add_argument("--bootstrap", type=int, default=2000)
+    ef.add_argument("--predictors-out", default="results/truth/predictors_full")
+    ef.add_argument("--out", default="results/calibration_truth_full.json")
     pk = sub.add_parser("passkey", help="passkey accuracy at the recommended ratios")
     pk.add_argument("--predictor", default=None, help="predictor folder/file (default: the shipped one)")
     pk.add_argument("--n", type=int, default=20)
     pk.add_argument("--seed", type=int, default=4242)
     pk.add_argument("--tokens", type=int, default=1500)
     pk.add_argument("--out", default="results/calibration_truth_passkey.json")
-    for p in (lb, pk):
+    for p in (lb, pk, fd):
         p.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     if hasattr(args, "threads"):
@@ -232,8 +294,12 @@ def main() -> None:
         label(args)
     elif args.cmd == "compare":
         write_report(compare_fidelities(args.labels, args.epsilon), args.out)
+    elif args.cmd == "fidelity":
+        add_fidelity(args)
     elif args.cmd == "ship":
         ship(args)
+    elif args.cmd == "evaluate-full":
+        write_report(evaluate_full(args), args.out)
     elif args.cmd == "evaluate":
         write_report(evaluate_split(args), args.out)
     else:

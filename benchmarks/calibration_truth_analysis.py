@@ -94,9 +94,77 @@ def global_at_loss(grid, losses, target: float) -> float:
     return best
 
 
+def held_out_metrics(r, grid, l_te, y_te, l_honest, n_boot: int, rng) -> dict:
+    """Mean ratio, realised loss, violation rate (bootstrap 90 % intervals) of test predictions ``r``, and the
+    single global ratio at the same loss chosen on ``l_honest`` (honest) and on the test losses (oracle)."""
+    from kvcalib.calib.predictors.risk import loss_at
+
+    r = np.asarray(r, dtype=float)
+    loss = loss_at(grid, l_te, r)
+    viol = (r > y_te + 1e-9).astype(float)
+    m = {"mean_ratio": float(r.mean()), "mean_ratio_ci90": _interval(r, n_boot, rng),
+         "loss": float(loss.mean()), "loss_ci90": _interval(loss, n_boot, rng),
+         "violation_rate": float(viol.mean()), "violation_ci90": _interval(viol, n_boot, rng),
+         "distinct_ratios": len(set(np.round(r, 4).tolist()))}
+    honest = global_at_loss(grid, l_honest, m["loss"])
+    oracle = global_at_loss(grid, l_te, m["loss"])
+    m.update({"honest_global": honest,
+              "honest_global_test_loss": float(loss_at(grid, l_te, np.full(len(r), honest)).mean()),
+              "oracle_global": oracle, "gain_vs_honest": float(r.mean() / honest) if honest else None,
+              "gain_vs_oracle": float(r.mean() / oracle) if oracle else None})
+    return m
+
+
+def evaluate_full(args) -> dict:
+    """Risk control over the calibration's own r*(τ) of each fidelity candidate (``mode=full``): the base needs no
+    training, so every labelled document of the fit genre calibrates the margin λ̂; tested on the other genre."""
+    from kvcalib.calib.calibration.suite import fidelity_r_star
+    from kvcalib.calib.predictors import save_predictors
+    from kvcalib.calib.predictors.risk import FeaturePredictor, RiskControlPredictor, truth_arrays
+
+    fit, test = read_records(args.fit), read_records(args.test)
+    names = sorted(set(fit[0]["fidelity"]) & set(test[0]["fidelity"]))
+    if not names:
+        raise SystemExit("the records hold no common fidelity curve (label with --fidelities, or run `fidelity`)")
+    _, grid, l_fit, _ = truth_arrays(fit)
+    _, grid_te, l_te, y_te = truth_arrays(test)
+    rng = np.random.default_rng(args.seed)
+    report = {"fit": str(args.fit), "test": str(args.test), "n_fit": len(fit), "n_test": len(test),
+              "epsilon": args.epsilon, "tau": args.tau, "grid": grid, "predictors": {}}
+    preds = {}
+    for name in names:
+        def feats(rs, name=name):
+            return [{"r_star": fidelity_r_star(r, name, args.tau)} for r in rs]
+
+        p = RiskControlPredictor(FeaturePredictor("r_star", r_max=max(grid)), args.epsilon, r_max=max(grid))
+        p.calibrate(feats(fit), grid, l_fit)
+        p.training = {"config": {"fidelity": name, "fidelity_tau": args.tau,
+                                 "tolerance": round(1 - args.epsilon, 6)},
+                      "target": "task_truth", "n_cal": len(fit), "epsilon": args.epsilon}
+        m = held_out_metrics(p.predict(feats(test)), grid, l_te, y_te, l_fit, args.bootstrap, rng)
+        m.update(version=p.version, lam=p.lam, mean_fidelity_r_star_test=float(np.mean(
+            [f["r_star"] for f in feats(test)])))
+        report["predictors"][f"full_{name}"] = m
+        p.metrics["held_out"] = {k: v for k, v in m.items() if k != "version"}
+        preds[f"full_{name}"] = p
+    save_predictors(args.predictors_out, preds, extra={"default": f"full_{names[0]}", "target": "task_truth",
+                                                       "labels": str(args.fit), "epsilon": args.epsilon})
+    print(f"risk control over r*(τ={args.tau}) of each fidelity: λ̂ from {len(fit)} documents of {args.fit}; "
+          f"test on {len(test)} of {args.test}")
+    print(f"{'predictor':>22} {'lambda':>6} {'mean r':>7} {'90% CI':>15} {'loss':>6} {'90% CI':>15} {'viol':>5} "
+          f"{'honest g':>8} {'oracle g':>8} {'gain':>5}")
+    for name, m in report["predictors"].items():
+        ci, li = m["mean_ratio_ci90"], m["loss_ci90"]
+        gain = f"{m['gain_vs_honest']:.2f}" if m["gain_vs_honest"] else "-"
+        print(f"{name:>22} {m['lam']:>6.3f} {m['mean_ratio']:>7.3f} [{ci[0]:.3f}, {ci[1]:.3f}] {m['loss']:>6.3f} "
+              f"[{li[0]:.3f}, {li[1]:.3f}] {m['violation_rate']:>5.2f} {m['honest_global']:>8.2f} "
+              f"{m['oracle_global']:>8.2f} {gain:>5}")
+    return report
+
+
 def evaluate_split(args) -> dict:
     from kvcalib.calib.predictors import save_predictors
-    from kvcalib.calib.predictors.risk import fit_truth_labels, loss_at, truth_arrays
+    from kvcalib.calib.predictors.risk import fit_truth_labels, truth_arrays
 
     fit = read_records(args.fit)
     test = read_records(args.test)
@@ -110,21 +178,8 @@ def evaluate_split(args) -> dict:
     report = {"fit": str(args.fit), "test": str(args.test), "n_train": len(train), "n_cal": len(cal),
               "n_test": len(test), "epsilon": args.epsilon, "alpha": args.alpha, "grid": grid, "predictors": {}}
     for name, p in preds.items():
-        r = p.predict(f_te)
-        loss = loss_at(grid, l_te, r)
-        viol = (r > y_te + 1e-9).astype(float)
-        m = {"mean_ratio": float(r.mean()), "mean_ratio_ci90": _interval(r, args.bootstrap, rng),
-             "loss": float(loss.mean()), "loss_ci90": _interval(loss, args.bootstrap, rng),
-             "violation_rate": float(viol.mean()), "violation_ci90": _interval(viol, args.bootstrap, rng),
-             "distinct_ratios": len(set(np.round(r, 4).tolist())), "version": p.version}
-        target = m["loss"]
-        honest = global_at_loss(grid, l_cal, target)
-        oracle = global_at_loss(grid, l_te, target)
-        m.update({"honest_global": honest, "honest_global_test_loss": float(loss_at(grid, l_te, np.full(len(test),
-                                                                                                         honest)).mean()),
-                  "oracle_global": oracle,
-                  "gain_vs_honest": float(r.mean() / honest) if honest else None,
-                  "gain_vs_oracle": float(r.mean() / oracle) if oracle else None})
+        m = held_out_metrics(p.predict(f_te), grid, l_te, y_te, l_cal, args.bootstrap, rng)
+        m["version"] = p.version
         report["predictors"][name] = m
         p.metrics["held_out"] = {k: v for k, v in m.items() if k != "version"}
     save_predictors(args.predictors_out, preds, extra={"default": "risk", "labels": str(args.fit),

@@ -187,6 +187,33 @@ class LinearPredictor(Predictor):
         return np.clip(z @ np.asarray(self.coef) + self.intercept, 0.0, self.r_max)
 
 
+@register
+class FeaturePredictor(Predictor):
+    """One feature taken as the ratio, clipped to [0, r_max] (a missing one gives 0): the base of risk control
+    over a quantity computed elsewhere — e.g. the calibration's own r*(τ) of a fidelity candidate (``mode=full``),
+    which needs no training, so every labelled context can calibrate the margin."""
+
+    kind = "feature"
+
+    def __init__(self, name: str = "r_star", r_max: float = R_MAX):
+        super().__init__()
+        self.name, self.r_max = str(name), float(r_max)
+
+    def params(self) -> dict:
+        return {"name": self.name, "r_max": self.r_max}
+
+    @classmethod
+    def from_params(cls, p: dict) -> FeaturePredictor:
+        return cls(str(p["name"]), float(p["r_max"]))
+
+    def fit(self, features: list[dict], y=None) -> FeaturePredictor:
+        return self
+
+    def predict(self, features: list[dict]) -> np.ndarray:
+        x = np.array([float(f.get(self.name, 0.0)) for f in features], dtype=float)
+        return np.clip(np.nan_to_num(x, nan=0.0), 0.0, self.r_max)
+
+
 # ---------------------------------------------------------------------------------------------------- fitting
 def truth_arrays(records: list[dict]) -> tuple[list[dict], list[float], np.ndarray, np.ndarray]:
     """(features, grid, losses (n, R), r*_task (n,)) of truth records (``calib.calibration.suite``) on one grid."""

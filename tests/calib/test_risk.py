@@ -16,6 +16,7 @@ from kvcalib.calib.predictors import (
     save_predictors,
 )
 from kvcalib.calib.predictors.risk import (
+    FeaturePredictor,
     LinearPredictor,
     RiskControlPredictor,
     crc_lambda,
@@ -157,3 +158,17 @@ def test_linear_predictor_is_ridge_on_standardised_features():
     assert np.array_equal(again.predict(feats), m.predict(feats))
     with pytest.raises(Exception, match="at least two"):
         LinearPredictor(["a"]).fit(feats[:1], y[:1])
+
+
+def test_risk_control_over_a_feature_matches_the_formula():
+    """Base = one feature (e.g. the calibration's own r*): λ̂ as the naive search over Λ computes it, and the
+    predictor survives a JSON round trip."""
+    rng = np.random.default_rng(5)
+    feats, losses, _ = _contexts(rng, 120)
+    base = FeaturePredictor("x", r_max=0.95)
+    assert np.allclose(base.predict(feats), np.clip([f["x"] for f in feats], 0, 0.95))
+    assert base.predict([{}]).tolist() == [0.0]  # a missing feature never compresses
+    p = RiskControlPredictor(base, 0.1, r_max=0.95).calibrate(feats, GRID, losses)
+    assert p.lam == pytest.approx(_naive_lambda(base.predict(feats), losses, 0.1))
+    again = predictor_from_json(p.to_json())
+    assert np.array_equal(again.predict(feats), p.predict(feats)) and again.base.name == "x"
