@@ -176,7 +176,7 @@ def add_fidelity(args) -> None:
         doc = make_questions(texts[rec["id"]], rec["question_seed"], qcfg)
         if content_hash(doc.text) != rec["content_hash"]:
             raise SystemExit(f"{rec['id']}: rebuilt document differs (other --genre/--seed/--*-tokens/--questions?)")
-        config = CalibrationConfig.from_dict(rec["config"])
+        config = CalibrationConfig.from_dict(rec["config"], stored=True)
         cap, doc_start, _, keep, _, _ = _prepare(eng, doc.text, config, _noop)
         avoid = item_token_spans(eng, doc.text, doc.spans)
         rec = dict(rec, fidelity=fidelity_curves(eng, cap, doc_start, keep, fids, n_probes=config.n_probes,

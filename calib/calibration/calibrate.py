@@ -57,7 +57,7 @@ class CalibrationConfig:
     probe_tokens: int = defaults.PROBE_TOKENS  # scored target tokens per probe
     cue_tokens: int = defaults.CUE_TOKENS  # document tokens fed before the target
     seed: int = 0  # span choice
-    fidelity: str = "reconstruction"  # label-free fidelity of the curve (calib.calibration.fidelity.FIDELITIES)
+    fidelity: str = defaults.FIDELITY  # label-free fidelity of the curve (calib.calibration.fidelity.FIDELITIES)
 
     def __post_init__(self):
         try:
@@ -105,7 +105,10 @@ class CalibrationConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> CalibrationConfig:
+    def from_dict(cls, d: dict, stored: bool = False) -> CalibrationConfig:
+        """A validated config from a dict. ``stored``: a config written earlier (a run's parameters, a result or
+        label record), where a missing ``fidelity`` means the only one that existed then (reconstruction); a new
+        request's missing field takes today's default."""
         if not isinstance(d, dict):
             raise CalibrationError(f"calibration config must be an object, got {type(d).__name__}")
         names = [f.name for f in fields(cls)]
@@ -113,6 +116,8 @@ class CalibrationConfig:
         if unknown:
             raise CalibrationError(f"unknown calibration field(s) {unknown}: expected {names}")
         kw = dict(d)
+        if stored:
+            kw.setdefault("fidelity", defaults.LEGACY_FIDELITY)
         if "ratios" in kw:
             if isinstance(kw["ratios"], (str, bytes)) or not hasattr(kw["ratios"], "__iter__"):
                 raise CalibrationError(f"ratios must be a list of numbers in (0, 1), got {kw['ratios']!r}")
@@ -132,7 +137,7 @@ class CalibrationConfig:
         d = self.to_dict()
         if not d["allocator_params"]:
             del d["allocator_params"]
-        if d["fidelity"] == "reconstruction":
+        if d["fidelity"] == defaults.LEGACY_FIDELITY:
             del d["fidelity"]
         blob = json.dumps(d, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
         return hashlib.sha256(blob.encode("utf-8")).hexdigest()
@@ -204,7 +209,7 @@ class CalibrationResult:
         if missing:
             raise CalibrationError(f"calibration result lacks field(s) {missing}")
         kw = {k: v for k, v in d.items() if k in names}
-        kw["config"] = CalibrationConfig.from_dict(d["config"])
+        kw["config"] = CalibrationConfig.from_dict(d["config"], stored=True)
         return cls(**kw)
 
 

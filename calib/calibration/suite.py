@@ -59,8 +59,9 @@ def fidelity_r_star(record: dict, name: str, tau: float) -> float:
 
 
 def compact_record(record: dict, digits: int = 6) -> dict:
-    """What fitting needs of a truth record (features, grid, per-question survival, loss, r*_task), floats rounded
-    to ``digits`` significant digits: the shipped label files (``kvcalib fit`` reads them as it reads full ones)."""
+    """What fitting needs of a truth record (features, fidelity curves, grid, per-question survival, loss,
+    r*_task), floats rounded to ``digits`` significant digits: the shipped label files (``kvcalib fit`` reads them
+    as it reads full ones)."""
 
     def r(x: float) -> float:
         return float(f"{x:.{digits}g}")
@@ -72,6 +73,8 @@ def compact_record(record: dict, digits: int = 6) -> dict:
             "loss", "r_star_task", "n_counted", "question_seed")
     out = {k: record[k] for k in keep if k in record}
     out["features"] = {k: r(v) for k, v in record["features"].items()}
+    if record.get("fidelity"):  # the candidates' curves: mode=full risk control is fitted on them
+        out["fidelity"] = {k: [r(x) for x in v] for k, v in record["fidelity"].items()}
     out["truth"] = {"ratios": truth["ratios"], "outcomes": outcomes, "loss": truth["loss"],
                     "envelope": truth["envelope"], "r_star_task": truth["r_star_task"], "n_counted": truth["n_counted"]}
     return out

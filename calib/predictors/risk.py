@@ -27,6 +27,7 @@ import math
 
 import numpy as np
 
+from kvcalib.calib.defaults import TOLERANCE
 from kvcalib.calib.predictors.base import (
     KINDS,
     R_MAX,
@@ -300,6 +301,28 @@ def split_by_group(records: list[dict], fractions=(0.5, 0.5, 0.0), seed: int = 0
     return parts
 
 
+def fit_full_predictors(records: list[dict], epsilon: float = 0.05) -> dict[str, Predictor]:
+    """``full_<fidelity>``: conformal risk control over the calibration's own r*(τ) of a fidelity candidate
+    (``mode=full``; records carry ``fidelity_r_star``, see ``calibration.truth_labels``). The base needs no training,
+    so every record calibrates λ̂. Apply: ``p.predict([{"r_star": result.r_star}])`` for a calibration result of
+    that fidelity. Empty when the records carry no fidelity curves."""
+    names = set.intersection(*(set(r.get("fidelity_r_star") or {}) for r in records)) if records else set()
+    _, grid, losses, y = truth_arrays(records) if names else (None, None, None, None)
+    out: dict[str, Predictor] = {}
+    for name in sorted(names):
+        feats = [{"r_star": float(r["fidelity_r_star"][name])} for r in records]
+        p = RiskControlPredictor(FeaturePredictor("r_star", r_max=max(grid)), epsilon, r_max=max(grid))
+        p.calibrate(feats, grid, losses)
+        cfg = records[0].get("config") or {}
+        tcfg = {k: cfg[k] for k in ("method", "allocator", "allocator_params") if k in cfg}
+        tcfg.update(fidelity=name, fidelity_tau=TOLERANCE, tolerance=round(1.0 - float(epsilon), 6))
+        p.training = {"config": tcfg, "target": "task_truth", "mode": "full", "n_cal": len(records),
+                      "epsilon": epsilon, "grid": grid, "name": f"full_{name}"}
+        p.metrics["cal"] = realised(p.predict(feats), grid, losses, y)
+        out[f"full_{name}"] = p
+    return out
+
+
 def fit_truth_labels(records: list[dict], fractions=(0.5, 0.5, 0.0), seed: int = 0, epsilon: float = 0.05,
                      alpha: float = 0.1) -> tuple[dict[str, Predictor], dict]:
     """Split truth records by source and fit ``fit_truth_predictors``; returns (predictors, split description)."""
@@ -307,6 +330,7 @@ def fit_truth_labels(records: list[dict], fractions=(0.5, 0.5, 0.0), seed: int =
     if not train or not cal:
         raise PredictorError(f"too few labelled documents ({len(records)}) for a train/calibration split")
     preds = fit_truth_predictors(train, cal, epsilon=epsilon, alpha=alpha, seed=seed)
+    preds.update(fit_full_predictors(train + cal, epsilon=epsilon))
     split = {"seed": seed, "fractions": list(fractions), "train": [r["content_hash"] for r in train],
              "cal": [r["content_hash"] for r in cal], "test": [r["content_hash"] for r in test]}
     if test:

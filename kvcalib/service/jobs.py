@@ -118,7 +118,7 @@ def execute_run(db: Database, run_id: int, load_engine: EngineLoader, max_attemp
     # ---- 2. calibrate (then the layout for servers: context ids' hash, model shape, kept positions at r*)
     try:
         with Heartbeat(db, run_id, owner, policy) as heartbeat:
-            config = CalibrationConfig.from_dict(params)
+            config = CalibrationConfig.from_dict(params, stored=True)
             engine = load_at(dtype_aware(load_engine), model_name, dtype, device)  # a missing device: failed
             heartbeat.check()
             got = engine.lm.spec.revision

@@ -244,13 +244,13 @@ def test_bad_config_is_a_kvcalib_error_naming_the_choices(d, message):
 def test_config_allocator_params_hash_and_round_trip():
     import hashlib
 
-    plain = CalibrationConfig()
+    plain = CalibrationConfig(fidelity="reconstruction")  # the only fidelity before the field existed
     legacy = {k: v for k, v in plain.to_dict().items()
               if k not in ("allocator_params", "fidelity")}  # a config of before both fields
     blob = json.dumps(legacy, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     assert plain.to_dict()["allocator_params"] == {}
     assert plain.params_hash() == hashlib.sha256(blob.encode("utf-8")).hexdigest()  # stored keys stay valid
-    assert CalibrationConfig.from_dict(legacy) == plain
+    assert CalibrationConfig.from_dict(legacy, stored=True) == plain  # a stored legacy config reads as it was
     cfg = CalibrationConfig(allocator="adakv", allocator_params={"alpha": 0.4})
     assert cfg.params_hash() != plain.params_hash()
     assert cfg.params_hash() != CalibrationConfig(allocator="adakv", allocator_params={"alpha": 0.3}).params_hash()
@@ -274,7 +274,8 @@ def test_allocator_params_reach_the_allocator(engine, scored):
 # ------------------------------------------------------------------------------------------------ API
 def test_calibrate_contract(engine, short_text):
     seen = []
-    cfg = CalibrationConfig(ratios=(0.2, 0.5, 0.8), n_probes=2, probe_tokens=8, cue_tokens=6, allocator="uniform")
+    cfg = CalibrationConfig(ratios=(0.2, 0.5, 0.8), n_probes=2, probe_tokens=8, cue_tokens=6, allocator="uniform",
+                            fidelity="reconstruction")  # user probes are reconstruction probes
     res = calibrate(engine, short_text, cfg, progress=lambda f, m: seen.append((f, m)),
                     user_probes=[("What is this essay about?", "Startups.")])
     n = res.context_tokens

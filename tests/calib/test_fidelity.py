@@ -3,6 +3,8 @@ key tokens against a naive short-context reference, salient tokens, and ``calibr
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 
 import pytest
@@ -87,5 +89,12 @@ def test_every_candidate_and_calibrate_with_one(engine, setup, text):
     res = calibrate(engine, text, CalibrationConfig(ratios=RATIOS, fidelity="salient", n_probes=3))
     assert res.config.fidelity == "salient" and len(res.fidelity) == len(RATIOS) and len(res.kl) == len(RATIOS)
     assert 0.0 <= res.r_star <= max(RATIOS)
-    assert CalibrationConfig().params_hash() == CalibrationConfig(fidelity="reconstruction").params_hash()
-    assert CalibrationConfig().params_hash() != CalibrationConfig(fidelity="salient").params_hash()
+    # the default is the salient spans (§11); the historical reconstruction keeps the hash it had before the field
+    assert CalibrationConfig().fidelity == "salient"
+    legacy = {k: v for k, v in CalibrationConfig(fidelity="reconstruction").to_dict().items() if k != "fidelity"}
+    assert CalibrationConfig.from_dict(legacy, stored=True).fidelity == "reconstruction"
+    assert CalibrationConfig.from_dict(legacy).fidelity == "salient"  # a new request takes today's default
+    old_hash = hashlib.sha256(json.dumps({k: v for k, v in legacy.items() if k != "allocator_params" or v},
+                                         sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    assert CalibrationConfig(fidelity="reconstruction").params_hash() == old_hash
+    assert CalibrationConfig().params_hash() != old_hash

@@ -172,3 +172,21 @@ def test_risk_control_over_a_feature_matches_the_formula():
     assert p.lam == pytest.approx(_naive_lambda(base.predict(feats), losses, 0.1))
     again = predictor_from_json(p.to_json())
     assert np.array_equal(again.predict(feats), p.predict(feats)) and again.base.name == "x"
+
+
+def test_full_mode_predictors_calibrate_over_every_record():
+    """Records with the calibration's own r* per fidelity (``fidelity_r_star``) give one ``full_<fidelity>`` risk
+    controller each, whose λ̂ is the naive search over ALL records (the base needs no training split)."""
+    from kvcalib.calib.predictors.risk import fit_full_predictors
+
+    rng = np.random.default_rng(7)
+    recs = _records(rng, 90)
+    for r in recs:  # a noisy fidelity r* that tracks the context's x
+        r["fidelity_r_star"] = {"salient": float(np.clip(r["features"]["x"] * 0.8 + rng.normal(0, 0.05), 0, 0.95))}
+    got = fit_full_predictors(recs, epsilon=0.1)
+    assert set(got) == {"full_salient"}
+    p = got["full_salient"]
+    base = np.array([r["fidelity_r_star"]["salient"] for r in recs])
+    assert p.lam == pytest.approx(_naive_lambda(base, np.array([r["loss"] for r in recs]), 0.1))
+    assert p.training_config()["fidelity"] == "salient" and p.training_config()["tolerance"] == 0.9
+    assert fit_full_predictors(_records(rng, 5)) == {}  # no fidelity curves: nothing to fit
