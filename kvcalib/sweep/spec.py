@@ -60,7 +60,9 @@ class SweepSpec:
     max_retry: int = 2  # re-runs of a trial whose worker died (heartbeat stale)
     corpus_source: str = ""
     objective: str = "truth"  # "truth" | "reconstruction" (a stored spec without the field: "reconstruction")
-    fidelity: str = DEFAULT_FIDELITY  # the calibration's label-free fidelity (calib.calibration.fidelity)
+    # the calibration's label-free fidelity (calib.calibration.fidelity); None: the objective's own — the library
+    # default for truth studies, reconstruction for reconstruction studies (their held-out check re-probes it)
+    fidelity: str | None = None
     questions: tuple[int, int, int, int] = DEFAULT_QUESTIONS  # truth: QuestionConfig of every corpus document
     question_seed: int = 0  # truth: document i's questions use seed question_seed + crc32(document)
 
@@ -91,6 +93,8 @@ class SweepSpec:
 
         if self.objective not in OBJECTIVES:
             raise SweepError(f"unknown objective {self.objective!r}: expected one of {list(OBJECTIVES)}")
+        if self.fidelity is None:
+            self.fidelity = "reconstruction" if self.objective == "reconstruction" else DEFAULT_FIDELITY
         if self.fidelity not in FIDELITIES:
             raise SweepError(f"unknown fidelity {self.fidelity!r}: expected one of {list(FIDELITIES)}")
         if self.objective == "reconstruction" and self.fidelity != "reconstruction":

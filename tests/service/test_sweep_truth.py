@@ -45,7 +45,8 @@ def fake_truth(engine, spec, mp, ap):
 # ---------------------------------------------------------------------------------------------------- spec
 def test_truth_spec_defaults_names_and_validation():
     spec = sw.SweepSpec(documents=["d"])
-    assert spec.objective == "truth" and spec.fidelity == sw.DEFAULT_FIDELITY == "reconstruction"
+    assert spec.objective == "truth" and spec.fidelity == sw.DEFAULT_FIDELITY == "salient"  # the library default
+    assert sw.SweepSpec(documents=["d"], objective="reconstruction").fidelity == "reconstruction"
     assert spec.questions == (4, 4, 0, 2) and spec.question_seed == 0
     assert spec.objective_names == ("r_star_mean", "answer_loss") and sw.DIRECTIONS == ("maximize", "minimize")
     back = sw.SweepSpec.from_dict(json.loads(json.dumps(truth_spec(fidelity="kl").to_dict())))
@@ -53,7 +54,7 @@ def test_truth_spec_defaults_names_and_validation():
     assert sw.study_name("m", "snapkv", "adakv") == "kvcalib:m:snapkv:adakv"  # reconstruction: the old name
     assert sw.study_name("m", "snapkv", "adakv", "x", objective="truth", fidelity="kl") == \
         "kvcalib:m:snapkv:adakv:truth-kl:x"
-    assert sw.spec_study_name(truth_spec()) == "kvcalib:smollm2-135m:snapkv:uniform:truth-reconstruction"
+    assert sw.spec_study_name(truth_spec()) == "kvcalib:smollm2-135m:snapkv:uniform:truth-salient"
     assert sw.spec_study_name(truth_spec(objective="reconstruction")) == "kvcalib:smollm2-135m:snapkv:uniform"
     with pytest.raises(sw.SweepError, match="unknown objective"):
         truth_spec(objective="answers")
@@ -129,7 +130,7 @@ def test_promoting_a_truth_study_sets_the_service_defaults(sqlite_url, tmp_path)
     assert ok, rows
     best = max(ok, key=lambda r: r["r_star_mean"])
     assert entry["trial"] == best["trial"] and entry["max_loss"] == 0.05
-    assert entry["objective"] == "truth" and entry["fidelity"] == "reconstruction"
+    assert entry["objective"] == "truth" and entry["fidelity"] == "salient"
     assert set(entry["values"]) == {"r_star_mean", "answer_loss"}
     mp, ap = sw.split_params(best["params"])
     assert sw.promoted_params("snapkv", "smollm2-135m", data_dir=data) == mp

@@ -29,7 +29,7 @@ from tests.support import FAST_OPTIONS, pg_url, service_env, short_documents, wa
 pytestmark = [pytest.mark.service, pytest.mark.slow]
 
 LEASE, GRACE, SWEEP = 3, 3, 1  # seconds: lease, dispatch grace, sweep interval (settings of the API and workers)
-LONG_OPTIONS = {"ratios": [0.2, 0.4, 0.6, 0.8, 0.9], "n_probes": 4}  # ~10 s of one core per document
+LONG_OPTIONS = {"ratios": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9], "n_probes": 16}  # ~25 s of one core (quiet)
 
 
 def free_port() -> int:
