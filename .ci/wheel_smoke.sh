@@ -44,11 +44,16 @@ need = ["kvcalib/migrations/env.py", "kvcalib/migrations/script.py.mako", "kvcal
 missing += [n for n in need if n not in names]
 if not any(n.startswith("kvcalib/calib/data/text/") and n.endswith(".txt") for n in names):
     missing.append("kvcalib/calib/data/text/*.txt")
+for n in ("kvcalib/calib/predictors/shipped/smollm2-135m/manifest.json",
+          "kvcalib/calib/predictors/shipped/smollm2-135m/risk.json",
+          "kvcalib/calib/predictors/shipped/smollm2-135m/labels.jsonl"):
+    if n not in names:  # the shipped predictors (a fresh install predicts with them) and their labels
+        missing.append(n)
 if not any(n.endswith(".dist-info/licenses/LICENSE") for n in names):
     missing.append("*.dist-info/licenses/LICENSE")
 if missing:
     sys.exit(f"wheel lacks: {missing}")
-print(f"wheel holds {len(names)} files, all packages, migrations, bundled text and LICENSE")
+print(f"wheel holds {len(names)} files, all packages, migrations, bundled text, shipped predictors and LICENSE")
 EOF
 
 # 3. A fresh venv seeing the system's dependencies; the wheel installed into it without dependencies.
@@ -70,10 +75,14 @@ import kvcalib.calib.data.documents as documents
 import kvcalib.service.db as db
 
 venv = Path(sys.argv[1]).resolve()
+import kvcalib.calib.predictors.bundled as bundled
+
 for what, path in [("kvcalib", kvcalib.__file__), ("migrations", db.MIGRATIONS_DIR),
-                   ("bundled text", documents.PACKAGE_DATA)]:
+                   ("bundled text", documents.PACKAGE_DATA), ("shipped predictors", bundled.SHIPPED)]:
     if venv not in Path(path).resolve().parents:
         sys.exit(f"{what} comes from {path}, not from the wheel in {venv}")
+if "smollm2-135m" not in bundled.shipped_models() or bundled.default_predictor("smollm2-135m") is None:
+    sys.exit(f"no shipped predictor for smollm2-135m under {bundled.SHIPPED}")
 print(f"kvcalib {kvcalib.__version__} from {Path(kvcalib.__file__).parent}; migrations from {db.MIGRATIONS_DIR}")
 EOF
 "$WORK/venv/bin/kvcalib" --version
