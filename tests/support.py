@@ -51,25 +51,31 @@ def _pg_admin():
     return psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=3)
 
 
-@pytest.fixture(scope="session")
-def pg_url():
-    """URL of a fresh PostgreSQL database migrated to head; dropped at the end of the session."""
+@contextmanager
+def scratch_pg_database(prefix: str = "kvcalib_test"):
+    """URL (psycopg driver) of a new, empty PostgreSQL database, dropped on exit."""
     try:
         admin = _pg_admin()
     except Exception as exc:  # noqa: BLE001
         pytest.fail(f"PostgreSQL is not reachable (start it: .ci/services.sh) at {PG_ADMIN}: {exc}")
-    name = f"kvcalib_test_{secrets.token_hex(4)}"
+    name = f"{prefix}_{secrets.token_hex(4)}"
     admin.execute(f'CREATE DATABASE "{name}"')
     base = PG_ADMIN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://")
-    url = f"{base}/{name}"
-    from kvcalib.service.db import upgrade
-
-    upgrade(url)
     try:
-        yield url
+        yield f"{base}/{name}"
     finally:
         admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         admin.close()
+
+
+@pytest.fixture(scope="session")
+def pg_url():
+    """URL of a fresh PostgreSQL database migrated to head; dropped at the end of the session."""
+    from kvcalib.service.db import upgrade
+
+    with scratch_pg_database() as url:
+        upgrade(url)
+        yield url
 
 
 @pytest.fixture()

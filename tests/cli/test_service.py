@@ -40,24 +40,15 @@ def test_db_upgrade_and_current(clean_env):
 
 @pytest.mark.service
 def test_serve_and_worker_refuse_an_old_schema(clean_env, monkeypatch):
-    import psycopg
+    from tests.support import scratch_pg_database
 
-    from tests.support import PG_ADMIN
-
-    name = "kvcalib_test_empty_" + os.urandom(3).hex()
-    with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        url = PG_ADMIN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://") + "/" + name
+    with scratch_pg_database("kvcalib_test_empty") as url:
         r = runner.invoke(app, ["serve", "--database-url", url, "--port", "1"])
         assert r.exit_code == 2 and "kvcalib db upgrade" in r.output
         monkeypatch.setenv("KVCALIB_DATABASE_URL", url)
         monkeypatch.setenv("KVCALIB_BROKER_URL", "redis://127.0.0.1:6390/0")
         r = runner.invoke(app, ["worker"])
         assert r.exit_code == 2 and "kvcalib db upgrade" in r.output
-    finally:
-        with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def test_worker_needs_a_broker(clean_env):

@@ -129,19 +129,10 @@ def test_migration_0003_upgrades_and_downgrades_on_sqlite(tmp_path):
 
 @pytest.mark.service
 def test_migration_0003_upgrades_and_downgrades_on_postgres():
-    import secrets
+    from tests.support import scratch_pg_database
 
-    from tests.support import PG_ADMIN, _pg_admin
-
-    admin = _pg_admin()
-    name = f"kvcalib_mig_{secrets.token_hex(4)}"
-    admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        base = PG_ADMIN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://")
-        _up_down(f"{base}/{name}")
-    finally:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
+    with scratch_pg_database("kvcalib_mig") as url:
+        _up_down(url)
 
 
 # ---------------------------------------------------------------------------------------------------- choice
