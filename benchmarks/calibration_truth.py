@@ -217,26 +217,31 @@ def ship(args) -> None:
           f"(default risk {preds['risk'].version})")
 
 
+def _document_args(p: argparse.ArgumentParser) -> None:
+    """Which documents and questions (``documents`` + ``make_questions``), shared by ``label`` and ``fidelity``."""
+    p.add_argument("--genre", choices=sorted(GENRES), required=True)
+    p.add_argument("--corpus", default=None, help="with --genre corpus: a folder of .txt or a JSONL file")
+    p.add_argument("--min-tokens", type=int, default=1000)
+    p.add_argument("--max-tokens", type=int, default=2000)
+    p.add_argument("--per-source", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--questions", default="4,4,0,2",
+                   help="n_needles,kv_pairs,multi_values,doc_questions per document (the multi-needle is off by "
+                        "default: SmolLM2-135M never answers it with the full cache, so it would never count)")
+    p.add_argument("--model", default="smollm2-135m")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     lb = sub.add_parser("label", help="label documents with task truth (+ fidelity curves)")
-    lb.add_argument("--genre", choices=sorted(GENRES), required=True)
+    _document_args(lb)
     lb.add_argument("--out", required=True)
-    lb.add_argument("--corpus", default=None, help="with --genre corpus: a folder of .txt or a JSONL file")
     lb.add_argument("--n-docs", type=int, default=24)
-    lb.add_argument("--min-tokens", type=int, default=1000)
-    lb.add_argument("--max-tokens", type=int, default=2000)
-    lb.add_argument("--per-source", type=int, default=3)
-    lb.add_argument("--seed", type=int, default=0)
     lb.add_argument("--question-seed", type=int, default=0)
     lb.add_argument("--fidelities", default="none", help="'all', 'none' or a comma-separated list")
-    lb.add_argument("--questions", default="4,4,0,2",
-                    help="n_needles,kv_pairs,multi_values,doc_questions per document (the multi-needle is off by "
-                         "default: SmolLM2-135M never answers it with the full cache, so it would never count)")
     lb.add_argument("--method", default="compactor")
     lb.add_argument("--allocator", default="adakv")
-    lb.add_argument("--model", default="smollm2-135m")
     cp = sub.add_parser("compare", help="fidelity candidates vs task truth")
     cp.add_argument("labels")
     cp.add_argument("--epsilon", type=float, default=0.05)
@@ -253,17 +258,10 @@ def main() -> None:
     ev.add_argument("--out", default="results/calibration_truth.json")
     fd = sub.add_parser("fidelity", help="add fidelity curves to truth records labelled without them")
     fd.add_argument("labels")
+    _document_args(fd)  # exactly what `label` was given: the documents are rebuilt from them
     fd.add_argument("--out", required=True)
-    fd.add_argument("--genre", choices=sorted(GENRES), required=True)
-    fd.add_argument("--corpus", default=None)
-    fd.add_argument("--min-tokens", type=int, default=1000)
-    fd.add_argument("--max-tokens", type=int, default=2000)
-    fd.add_argument("--per-source", type=int, default=3)
-    fd.add_argument("--seed", type=int, default=0)
-    fd.add_argument("--questions", default="4,4,0,2")
     fd.add_argument("--fidelities", default="reconstruction")
     fd.add_argument("--shard", default=None, help="I/N: every N-th record from the I-th")
-    fd.add_argument("--model", default="smollm2-135m")
     sh = sub.add_parser("ship", help="compact labels + fitted predictors into the package (shipped default)")
     sh.add_argument("labels")
     sh.add_argument("--model", default="smollm2-135m")
