@@ -127,9 +127,7 @@ def execute_run(db: Database, run_id: int, load_engine: EngineLoader, max_attemp
                                    f"was submitted for revision {revision}")
             result = calibrate(engine, text, config, progress=_Progress(db, run_id, heartbeat))
             heartbeat.check()
-            layout = profile_layout(engine, text, config, model=model_name, ratio=result.r_star,
-                                    head_budgets=result.head_budgets, keep=result.keep_at_r_star,
-                                    ids=result.context_ids, doc_start=result.doc_start)
+            layout = profile_layout(engine, text, config, model=model_name, result=result)
     except LeaseLost as exc:
         return Outcome("lost", run_id, error=str(exc))
     except KvcalibError as exc:

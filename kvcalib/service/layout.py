@@ -8,7 +8,6 @@ them from one row without a model."""
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,11 +18,10 @@ from kvcalib.service.views import ModelShapeView, PromptFormatView, PromptKind
 if TYPE_CHECKING:
     import torch
 
-    from kvcalib.calib.calibration.calibrate import CalibrationConfig
+    from kvcalib.calib.calibration.calibrate import CalibrationConfig, CalibrationResult
     from kvcalib.calib.pipeline import Engine
     from kvcalib.service.predictions import RatioPredictor
 
-log = logging.getLogger("kvcalib.service")
 
 PER_LAYER = "per_layer"  # the allocator whose heads of a layer keep the same positions: encoded per layer
 
@@ -80,34 +78,19 @@ def _layout(engine: Engine, model: str, kind: PromptKind, ids: torch.Tensor, doc
                         kept_positions=encode_keep(keep, allocator) if keep is not None else None)
 
 
-def profile_layout(engine: Engine, text: str, config: CalibrationConfig, *, model: str, ratio: float,
-                   head_budgets: Sequence[Sequence[int]], keep: torch.Tensor | None = None,
-                   ids: torch.Tensor | None = None, doc_start: int = 0) -> ServerLayout:
+def profile_layout(engine: Engine, text: str, config: CalibrationConfig, *, model: str,
+                   result: CalibrationResult) -> ServerLayout:
     """The layout of a calibration's profile: the hash of its context ids (kvcalib's chat-template prompt of the
-    text), and the kept positions at r* — ``keep``/``ids``/``doc_start`` of the calibration result when given (no
-    model work), else the calibration's scores again (one prefill + scoring,
-    ``calibrate.featurize``: the same scores ``budgets_at`` allocated r*'s budgets from) allocated at ``ratio``.
-    When those do not reproduce ``head_budgets`` (non-deterministic kernels), or fail, the positions are left out
-    rather than served inconsistent."""
-    from kvcalib.calib.budget import Budget, allocate
-    from kvcalib.calib.calibration.calibrate import context_ids, featurize
+    text) and the kept positions at r* — the calibration's own keep mask (``CalibrationResult.keep_at_r_star``,
+    the mask its head budgets count: no model work). A result that was not computed in this process has no mask:
+    its positions are left out."""
+    if result.keep_at_r_star is not None and result.context_ids is not None:
+        return _layout(engine, model, "chat_template", result.context_ids, result.doc_start, result.keep_at_r_star,
+                       config.allocator)
+    from kvcalib.calib.calibration.calibrate import context_ids
 
-    if keep is not None and ids is not None:  # the calibration's own keep mask at r*: no second prefill
-        return _layout(engine, model, "chat_template", ids, doc_start, keep, config.allocator)
     ids, doc_start = context_ids(engine, text)
-    keep = None
-    try:
-        _, cap, scores = featurize(engine, text, config)
-        ids = cap.input_ids
-        keep = allocate(scores, Budget(ratio=float(ratio)), config.allocator, **config.allocator_params)
-        counts = [[int(x) for x in row] for row in keep.sum(-1)]
-        if counts != [[int(x) for x in row] for row in head_budgets]:
-            log.warning("kept positions at r* = %.4f do not reproduce the profile's head budgets: left out", ratio)
-            keep = None
-    except Exception:  # noqa: BLE001 - the profile itself is valid without its positions
-        log.warning("kept positions at r* = %.4f could not be computed: left out", ratio, exc_info=True)
-        keep = None
-    return _layout(engine, model, "chat_template", ids, doc_start, keep, config.allocator)
+    return _layout(engine, model, "chat_template", ids, doc_start, None, config.allocator)
 
 
 def predict_with_layout(engine: Engine, config: CalibrationConfig, predictor: RatioPredictor, *, model: str,
