@@ -154,8 +154,7 @@ def add_fidelity(args) -> None:
     from tqdm import tqdm
 
     from kvcalib.calib.calibration.calibrate import CalibrationConfig, _noop, _prepare
-    from kvcalib.calib.calibration.fidelity import fidelity_curves
-    from kvcalib.calib.calibration.truth import item_token_spans
+    from kvcalib.calib.calibration.suite import document_fidelity_curves
     from kvcalib.calib.data.hashing import content_hash
     from kvcalib.calib.data.questions import QuestionConfig, make_questions
     from kvcalib.calib.pipeline import Engine
@@ -178,10 +177,7 @@ def add_fidelity(args) -> None:
             raise SystemExit(f"{rec['id']}: rebuilt document differs (other --genre/--seed/--*-tokens/--questions?)")
         config = CalibrationConfig.from_dict(rec["config"], stored=True)
         cap, doc_start, _, keep, _, _ = _prepare(eng, doc.text, config, _noop)
-        avoid = item_token_spans(eng, doc.text, doc.spans)
-        rec = dict(rec, fidelity=fidelity_curves(eng, cap, doc_start, keep, fids, n_probes=config.n_probes,
-                                                 cue_tokens=config.cue_tokens, probe_tokens=config.probe_tokens,
-                                                 seed=config.seed, avoid=avoid))
+        rec = dict(rec, fidelity=document_fidelity_curves(eng, doc, cap, doc_start, keep, config, fids))
         with out.open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(rec, allow_nan=False) + "\n")
 

@@ -37,10 +37,7 @@ def truth_record(engine, doc: TruthDocument, config: CalibrationConfig | None = 
                                        ratios=config.ratios)
     truth = evaluate_truth(engine, doc, tcfg, capture=cap, scores=scores, keep=keep)
     t1 = time.perf_counter()
-    avoid = item_token_spans(engine, doc.text, doc.spans)
-    curves = fidelity_curves(engine, cap, doc_start, keep, tuple(fidelities), n_probes=config.n_probes,
-                             cue_tokens=config.cue_tokens, probe_tokens=config.probe_tokens, seed=config.seed,
-                             avoid=avoid) if fidelities else {}
+    curves = document_fidelity_curves(engine, doc, cap, doc_start, keep, config, fidelities)
     return {
         "format": RECORD_FORMAT, "id": doc_id, "genre": genre, "content_hash": content_hash(doc.text),
         "params_hash": config.params_hash(), "config": config.to_dict(), "model": getattr(engine.lm, "name", ""),
@@ -51,6 +48,18 @@ def truth_record(engine, doc: TruthDocument, config: CalibrationConfig | None = 
                     "fidelity_s": round(time.perf_counter() - t1, 3),
                     "total_s": round(time.perf_counter() - t0, 3)},
     }
+
+
+def document_fidelity_curves(engine, doc: TruthDocument, cap, doc_start: int, keep, config: CalibrationConfig,
+                             fidelities=FIDELITIES) -> dict[str, list[float]]:
+    """The curves of the fidelity candidates on a truth document's prefill, with ``config``'s probe settings and
+    the probes kept off the inserted items (the calibration never sees them)."""
+    if not fidelities:
+        return {}
+    avoid = item_token_spans(engine, doc.text, doc.spans)
+    return fidelity_curves(engine, cap, doc_start, keep, tuple(fidelities), n_probes=config.n_probes,
+                           cue_tokens=config.cue_tokens, probe_tokens=config.probe_tokens, seed=config.seed,
+                           avoid=avoid)
 
 
 def fidelity_r_star(record: dict, name: str, tau: float) -> float:
