@@ -120,33 +120,26 @@ def evaluate_full(args) -> dict:
     training, so every labelled document of the fit genre calibrates the margin λ̂; tested on the other genre."""
     from kvcalib.calib.calibration.suite import fidelity_r_star
     from kvcalib.calib.predictors import save_predictors
-    from kvcalib.calib.predictors.risk import FeaturePredictor, RiskControlPredictor, truth_arrays
+    from kvcalib.calib.predictors.risk import fit_full_predictors, truth_arrays
 
     fit, test = read_records(args.fit), read_records(args.test)
-    names = sorted(set(fit[0]["fidelity"]) & set(test[0]["fidelity"]))
+    names = sorted(set(fit[0].get("fidelity") or {}) & set(test[0].get("fidelity") or {}))
     if not names:
         raise SystemExit("the records hold no common fidelity curve (label with --fidelities, or run `fidelity`)")
+    for r in fit + test:  # r*(τ) at this run's τ (read_records reads them at the default tolerance)
+        r["fidelity_r_star"] = {name: fidelity_r_star(r, name, args.tau) for name in names}
     _, grid, l_fit, _ = truth_arrays(fit)
-    _, grid_te, l_te, y_te = truth_arrays(test)
+    _, _, l_te, y_te = truth_arrays(test)
     rng = np.random.default_rng(args.seed)
     report = {"fit": str(args.fit), "test": str(args.test), "n_fit": len(fit), "n_test": len(test),
               "epsilon": args.epsilon, "tau": args.tau, "grid": grid, "predictors": {}}
-    preds = {}
-    for name in names:
-        def feats(rs, name=name):
-            return [{"r_star": fidelity_r_star(r, name, args.tau)} for r in rs]
-
-        p = RiskControlPredictor(FeaturePredictor("r_star", r_max=max(grid)), args.epsilon, r_max=max(grid))
-        p.calibrate(feats(fit), grid, l_fit)
-        p.training = {"config": {"fidelity": name, "fidelity_tau": args.tau,
-                                 "tolerance": round(1 - args.epsilon, 6)},
-                      "target": "task_truth", "n_cal": len(fit), "epsilon": args.epsilon}
-        m = held_out_metrics(p.predict(feats(test)), grid, l_te, y_te, l_fit, args.bootstrap, rng)
-        m.update(version=p.version, lam=p.lam, mean_fidelity_r_star_test=float(np.mean(
-            [f["r_star"] for f in feats(test)])))
-        report["predictors"][f"full_{name}"] = m
+    preds = fit_full_predictors(fit, epsilon=args.epsilon, tau=args.tau)
+    for key, p in preds.items():
+        feats = [{"r_star": r["fidelity_r_star"][key.removeprefix("full_")]} for r in test]
+        m = held_out_metrics(p.predict(feats), grid, l_te, y_te, l_fit, args.bootstrap, rng)
+        m.update(version=p.version, lam=p.lam, mean_fidelity_r_star_test=float(np.mean([f["r_star"] for f in feats])))
+        report["predictors"][key] = m
         p.metrics["held_out"] = {k: v for k, v in m.items() if k != "version"}
-        preds[f"full_{name}"] = p
     save_predictors(args.predictors_out, preds, extra={"default": f"full_{names[0]}", "target": "task_truth",
                                                        "labels": str(args.fit), "epsilon": args.epsilon})
     print(f"risk control over r*(τ={args.tau}) of each fidelity: λ̂ from {len(fit)} documents of {args.fit}; "

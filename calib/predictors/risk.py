@@ -301,11 +301,12 @@ def split_by_group(records: list[dict], fractions=(0.5, 0.5, 0.0), seed: int = 0
     return parts
 
 
-def fit_full_predictors(records: list[dict], epsilon: float = 0.05) -> dict[str, Predictor]:
+def fit_full_predictors(records: list[dict], epsilon: float = 0.05, tau: float = TOLERANCE) -> dict[str, Predictor]:
     """``full_<fidelity>``: conformal risk control over the calibration's own r*(τ) of a fidelity candidate
     (``mode=full``; records carry ``fidelity_r_star``, see ``calibration.truth_labels``). The base needs no training,
     so every record calibrates λ̂. Apply: ``p.predict([{"r_star": result.r_star}])`` for a calibration result of
-    that fidelity. Empty when the records carry no fidelity curves."""
+    that fidelity. ``tau``: the tolerance the records' r* were read at (recorded). Empty when the records carry no
+    fidelity curves."""
     names = set.intersection(*(set(r.get("fidelity_r_star") or {}) for r in records)) if records else set()
     _, grid, losses, y = truth_arrays(records) if names else (None, None, None, None)
     out: dict[str, Predictor] = {}
@@ -315,7 +316,7 @@ def fit_full_predictors(records: list[dict], epsilon: float = 0.05) -> dict[str,
         p.calibrate(feats, grid, losses)
         cfg = records[0].get("config") or {}
         tcfg = {k: cfg[k] for k in ("method", "allocator", "allocator_params") if k in cfg}
-        tcfg.update(fidelity=name, fidelity_tau=TOLERANCE, tolerance=round(1.0 - float(epsilon), 6))
+        tcfg.update(fidelity=name, fidelity_tau=float(tau), tolerance=round(1.0 - float(epsilon), 6))
         p.training = {"config": tcfg, "target": "task_truth", "mode": "full", "n_cal": len(records),
                       "epsilon": epsilon, "grid": grid, "name": f"full_{name}"}
         p.metrics["cal"] = realised(p.predict(feats), grid, losses, y)
