@@ -169,9 +169,15 @@ class PredictOut(BudgetOut):
     features: dict[str, Any] | None = Field(None, description="The document's features fed to the predictor.")
 
 
+SERVED_RATIO = ("The ratio the profile serves, which its budgets realise: the risk controller's ratio (expected "
+                "answer loss ≤ ε over contexts like its calibration set; the controller is predictor_version), or "
+                "r* where no controller fits the calibration.")
+
+
 class ProfileSummary(BaseModel):
     profile_id: int
     r_star: float
+    ratio: float = Field(description=SERVED_RATIO)
     token_budget: int
     context_tokens: int
     monotone: bool
@@ -228,14 +234,16 @@ class _ProfileHead(BaseModel):
 
 
 class ProfileOut(CalibrationKeyOut, _ProfileHead):
-    r_star: float
+    r_star: float = Field(description="Largest ratio whose label-free fidelity stays >= the tolerance.")
+    ratio: float = Field(description=SERVED_RATIO)
     token_budget: int
     context_tokens: int
     monotone: bool
     layer_budgets: list[int]
     head_budgets: list[list[int]]
     features: dict[str, Any]
-    predictor_version: str | None = None
+    predictor_version: str | None = Field(None, description="The risk controller that set `ratio` (null: ratio = "
+                                                            "r*).")
     seconds: float | None = None
     created_at: dt.datetime
     params: dict[str, Any]

@@ -55,7 +55,7 @@ def seed(db_url: str, n_profiles: int, n_layers: int = 30, n_heads: int = 3) -> 
             r = rng.choice([0.3, 0.5, 0.7])
             per_head = int(200 * (1 - r))
             result = SimpleNamespace(ratios=[0.3, 0.5, 0.7], fidelity=[0.99, 0.97, 0.9], kl=[0.01, 0.03, 0.1],
-                                     r_star=r, context_tokens=200, monotone=True,
+                                     r_star=r, ratio=r, controller=None, context_tokens=200, monotone=True,
                                      layer_budgets=[per_head * n_heads] * n_layers,
                                      head_budgets=[[per_head] * n_heads] * n_layers, features={"nll": 2.0},
                                      seconds=1.0)

@@ -120,7 +120,7 @@ def evaluate_full(args) -> dict:
     training, so every labelled document of the fit genre calibrates the margin λ̂; tested on the other genre."""
     from kvcalib.calib.calibration.suite import fidelity_r_star
     from kvcalib.calib.predictors import save_predictors
-    from kvcalib.calib.predictors.risk import fit_full_predictors, truth_arrays
+    from kvcalib.calib.predictors.risk import fit_full_predictors, r_star_feature, truth_arrays
 
     fit, test = read_records(args.fit), read_records(args.test)
     names = sorted(set(fit[0].get("fidelity") or {}) & set(test[0].get("fidelity") or {}))
@@ -135,9 +135,11 @@ def evaluate_full(args) -> dict:
               "epsilon": args.epsilon, "tau": args.tau, "grid": grid, "predictors": {}}
     preds = fit_full_predictors(fit, epsilon=args.epsilon, tau=args.tau)
     for key, p in preds.items():
-        feats = [{"r_star": r["fidelity_r_star"][key.removeprefix("full_")]} for r in test]
-        m = held_out_metrics(p.predict(feats), grid, l_te, y_te, l_fit, args.bootstrap, rng)
-        m.update(version=p.version, lam=p.lam, mean_fidelity_r_star_test=float(np.mean([f["r_star"] for f in feats])))
+        name = key.removeprefix("full_")
+        stars = [float(r["fidelity_r_star"][name]) for r in test]
+        m = held_out_metrics(p.predict([{r_star_feature(name): s} for s in stars]), grid, l_te, y_te, l_fit,
+                             args.bootstrap, rng)
+        m.update(version=p.version, lam=p.lam, mean_fidelity_r_star_test=float(np.mean(stars)))
         report["predictors"][key] = m
         p.metrics["held_out"] = {k: v for k, v in m.items() if k != "version"}
     save_predictors(args.predictors_out, preds, extra={"default": f"full_{names[0]}", "target": "task_truth",

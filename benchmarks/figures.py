@@ -36,7 +36,7 @@ def main() -> None:
     import matplotlib.pyplot as plt
 
     from kvcalib.calib.budget import Budget, allocate
-    from kvcalib.calib.calibration.calibrate import CalibrationConfig, calibrate, featurize
+    from kvcalib.calib.calibration.calibrate import CalibrationConfig, apply_controller, calibrate, featurize
     from kvcalib.calib.calibration.truth import TruthConfig, evaluate_truth
     from kvcalib.calib.data.documents import load_essays
     from kvcalib.calib.data.questions import make_questions
@@ -53,7 +53,7 @@ def main() -> None:
     truth = evaluate_truth(eng, doc, TruthConfig(method=config.method, allocator=config.allocator,
                                                  ratios=config.ratios))
     full = shipped_predictor("smollm2-135m", f"full_{config.fidelity}")
-    r_hat = float(full.predict([{"r_star": res.r_star}])[0])
+    r_hat = apply_controller(full, config, res.r_star)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -175,8 +175,8 @@ class CalibrationResult:
     r_star: float  # largest safe ratio at config.tolerance (interpolated between grid points)
     monotone: bool
     features: dict[str, float]
-    layer_budgets: list[int]  # kept tokens per layer at r* (len L)
-    head_budgets: list[list[int]]  # kept tokens per (layer, kv head) at r* (L × Hkv)
+    layer_budgets: list[int]  # kept tokens per layer at ``ratio`` (len L)
+    head_budgets: list[list[int]]  # kept tokens per (layer, kv head) at ``ratio`` (L × Hkv)
     seconds: float
     r_star_grid: float = 0.0  # the largest grid ratio before the first failing one (no interpolation)
     content_hash: str = ""  # sha256 of the document text
@@ -184,10 +184,19 @@ class CalibrationResult:
     model: str = ""
     probe_fidelity: list[list[float]] = field(default_factory=list)  # (R, K) per ratio and probe
     timings: dict[str, float] = field(default_factory=dict)
-    # set by ``calibrate`` only, never serialised: keep_at_r_star (L, Hkv, N) bool, context_ids (N,), doc_start
-    keep_at_r_star = None
+    # The ratio to apply, which the budgets realise: r* itself, or — with a risk controller (``controller``: its
+    # version) — the controller's ratio ⌊r* − λ̂⌋_grid, whose expected answer loss is ≤ ε (``calib.predictors.risk``).
+    # Records written before this field read as r*.
+    ratio: float | None = None
+    controller: str | None = None
+    # set by ``calibrate`` only, never serialised: keep (L, Hkv, N) bool at ``ratio``, context_ids (N,), doc_start
+    keep = None
     context_ids = None
     doc_start = 0
+
+    def __post_init__(self):
+        if self.ratio is None:
+            self.ratio = self.r_star
 
     @property
     def params_hash(self) -> str:
@@ -302,7 +311,8 @@ def _prepare(engine: CalibrationEngine, text: str, config: CalibrationConfig, pr
 def _candidate_curve(engine: CalibrationEngine, cap: Capture, doc_start: int, keep: torch.Tensor,
                      config: CalibrationConfig, user_probes, progress: Progress) -> Curve:
     """The curve of a fidelity candidate other than the reconstruction probes (``calib.calibration.fidelity``);
-    the KL beside it is the next-token KL over the reconstruction probes, as for the default."""
+    the KL beside it is the next-token KL over the candidate's own probe targets (the ``kl`` candidate's: the
+    reconstruction probes), so no second set of probes is fed."""
     from kvcalib.calib.calibration.fidelity import fidelity_curves
 
     if user_probes:
@@ -311,12 +321,35 @@ def _candidate_curve(engine: CalibrationEngine, cap: Capture, doc_start: int, ke
         raise CalibrationError("no probes: set n_probes >= 1")
     progress(0.6, f"{config.fidelity} fidelity at {len(config.ratios)} ratios")
     t0 = time.perf_counter()
-    curves = fidelity_curves(engine, cap, doc_start, keep, (config.fidelity, "kl"), n_probes=config.n_probes,
-                             cue_tokens=config.cue_tokens, probe_tokens=config.probe_tokens, seed=config.seed)
-    kl = [-math.log(max(f, 1e-300)) for f in curves["kl"]]
+    curves = fidelity_curves(engine, cap, doc_start, keep, (config.fidelity,), n_probes=config.n_probes,
+                             cue_tokens=config.cue_tokens, probe_tokens=config.probe_tokens, seed=config.seed,
+                             kl_of=config.fidelity)
+    kl = [-math.log(max(f, 1e-300)) for f in curves["kl_of"]]
     return Curve(ratios=list(config.ratios), fidelity=curves[config.fidelity], kl=kl, probe_fidelity=[], nll_full=[],
                  nll=[], kept_fraction=[float(x) for x in keep[1:].flatten(1).float().mean(1)],
                  seconds=time.perf_counter() - t0)
+
+
+def check_controller(controller: RatioPredictor, config: CalibrationConfig) -> None:
+    """A risk controller over r* applies to a calibration of the fidelity, τ, method and allocator it was fitted
+    for (``calib.predictors.risk.controller_mismatch``); anything else is a ``CalibrationError`` saying which field
+    differs."""
+    from kvcalib.calib.predictors.risk import controller_mismatch
+
+    why = controller_mismatch(controller, fidelity=config.fidelity, tolerance=config.tolerance,
+                              method=config.method, allocator=config.allocator)
+    if why:
+        raise CalibrationError(why)
+
+
+def apply_controller(controller: RatioPredictor, config: CalibrationConfig, r_star: float) -> float:
+    """The ratio a risk controller recommends for a calibration's r* (checked: ``check_controller``), a grid ratio
+    or 0 (no compression)."""
+    from kvcalib.calib.predictors.risk import r_star_feature
+
+    check_controller(controller, config)
+    r = float(controller.predict([{r_star_feature(config.fidelity): float(r_star)}])[0])
+    return min(max(r, 0.0), max(config.ratios))
 
 
 # ---------------------------------------------------------------------------------------------------- API
@@ -329,10 +362,17 @@ def featurize(engine: CalibrationEngine, text: str,
 
 def calibrate(engine: CalibrationEngine, text: str, config: CalibrationConfig | None = None,
               progress: Progress | None = None, user_probes: list[tuple[str, str]] | None = None,
-              doc_id: str | None = None) -> CalibrationResult:
+              doc_id: str | None = None, controller: RatioPredictor | None = None) -> CalibrationResult:
     """The quality curve of ``text`` over ``config.ratios`` (default ``CalibrationConfig()``) and its largest safe
-    ratio r*(τ), from one prefill."""
+    ratio r*(τ), from one prefill.
+
+    ``controller``: a risk controller over r* (``calib.predictors.risk.full_controller``: fitted on task truth for
+    this fidelity and τ) turns r* into the ratio to apply, ``result.ratio`` — the largest grid ratio ≤ r* − λ̂, with
+    expected answer loss ≤ ε over contexts like its calibration set; the budgets and the keep mask are at that
+    ratio. Without one, ``result.ratio`` is r* (no guarantee on answers)."""
     config = config if config is not None else CalibrationConfig()
+    if controller is not None:
+        check_controller(controller, config)  # before the model work
     progress = progress or _noop
     t_start = time.perf_counter()
     cap, doc_start, scores, keep, feats, timings = _prepare(engine, text, config, progress)
@@ -352,19 +392,22 @@ def calibrate(engine: CalibrationEngine, text: str, config: CalibrationConfig | 
         timings["probes_s"] = time.perf_counter() - t0
     progress(0.95, "largest safe ratio")
     r_star, r_grid, monotone = largest_safe_ratio(curve.ratios, curve.fidelity, config.tolerance)
-    keep_star = budgets.allocate(scores, budgets.Budget(ratio=float(r_star)), config.allocator,
-                                 **config.allocator_params)  # (L, Hkv, N): the kept positions at r*
-    per_head = keep_star.sum(-1)  # (L, Hkv)
+    ratio, version = float(r_star), None
+    if controller is not None:
+        ratio, version = apply_controller(controller, config, float(r_star)), controller.version
+    keep = budgets.allocate(scores, budgets.Budget(ratio=ratio), config.allocator,
+                            **config.allocator_params)  # (L, Hkv, N): the kept positions at the ratio to apply
+    per_head = keep.sum(-1)  # (L, Hkv)
     layer_b, head_b = [int(x) for x in per_head.sum(-1)], [[int(x) for x in row] for row in per_head]
-    progress(1.0, f"r* = {r_star:.3f}")
+    progress(1.0, f"r* = {r_star:.3f}" + (f", risk-controlled ratio {ratio:.2f}" if version else ""))
     result = CalibrationResult(
         config=config, context_tokens=cap.num_tokens, ratios=curve.ratios, fidelity=curve.fidelity, kl=curve.kl,
         r_star=float(r_star), monotone=bool(monotone), features=feats, layer_budgets=layer_b, head_budgets=head_b,
         seconds=time.perf_counter() - t_start, r_star_grid=float(r_grid), content_hash=content_hash(text),
         doc_id=doc_id, model=engine.lm.name, probe_fidelity=curve.probe_fidelity,
-        timings={k: round(v, 4) for k, v in timings.items()})
+        timings={k: round(v, 4) for k, v in timings.items()}, ratio=ratio, controller=version)
     # beside the record (not serialised): what a server layout needs without a second prefill
-    result.keep_at_r_star, result.context_ids, result.doc_start = keep_star, cap.input_ids, doc_start
+    result.keep, result.context_ids, result.doc_start = keep, cap.input_ids, doc_start
     return result
 
 

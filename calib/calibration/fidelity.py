@@ -186,14 +186,24 @@ def _nll_fidelity(stats: ProbeStats, sel: list[int]) -> list[float]:
     return fidelity_from_nll(stats.nll[0, sel].unsqueeze(0), stats.nll[1:, sel]).mean(1).tolist()
 
 
+PROBE_GROUPS = {"reconstruction": "recon", "kl": "recon", "salient": "salient", "keytoken": "keytoken",
+                "self_answer": "self", "self_prob": "self"}  # the probes each candidate reads
+
+
 def fidelity_curves(engine, cap, doc_start: int, keep: torch.Tensor, names=FIDELITIES, *, n_probes: int = 6,
                     cue_tokens: int = 4, probe_tokens: int = 6, seed: int = 0,
-                    avoid: list[tuple[int, int]] | None = None) -> dict[str, list[float]]:
+                    avoid: list[tuple[int, int]] | None = None,
+                    kl_of: str | None = None) -> dict[str, list[float]]:
     """The fidelity curve (one value per grid row of ``keep[1:]``) of every candidate in ``names``. ``cap`` must
-    hold the per-token NLL (stride 1) for ``keytoken``."""
-    unknown = sorted(set(names) - set(FIDELITIES))
+    hold the per-token NLL (stride 1) for ``keytoken``. ``kl_of``: also return ``"kl_of"``, the next-token KL
+    curve exp(−mean KL(full ‖ r)) over the target positions of that candidate's own probes — what a calibration
+    reports beside its fidelity without a second set of probes (the ``kl`` candidate reads the reconstruction
+    probes)."""
+    unknown = sorted(set(names) - set(FIDELITIES)) + ([kl_of] if kl_of is not None and kl_of not in FIDELITIES
+                                                      else [])
     if unknown:
         raise ValueError(f"unknown fidelity {unknown}: expected one of {list(FIDELITIES)}")
+    wanted = set(names) | ({kl_of} if kl_of else set())
     ids = cap.input_ids
     n = int(ids.numel())
     span = cue_tokens + probe_tokens
@@ -201,7 +211,7 @@ def fidelity_curves(engine, cap, doc_start: int, keep: torch.Tensor, names=FIDEL
     if hi - lo < span:
         lo, hi = doc_start, n - min(EDGE_MARGIN, 4)
     groups: dict[str, list[Probe]] = {}
-    if {"reconstruction", "kl"} & set(names):
+    if {"reconstruction", "kl"} & wanted:
         groups["recon"] = reconstruction_probes(ids, doc_start, n_probes, cue_tokens, probe_tokens, seed,
                                                 avoid=avoid)
 
@@ -216,13 +226,13 @@ def fidelity_curves(engine, cap, doc_start: int, keep: torch.Tensor, names=FIDEL
             picked += [pr.meta["start"] + cue_tokens for pr in extra]
         return _probes_at(ids, picked, cue_tokens, probe_tokens, kind)
 
-    if "salient" in names:
+    if "salient" in wanted:
         groups["salient"] = targeted(salient_positions(engine.tokenizer, ids, lo, hi, seed), "salient")
-    if "keytoken" in names:
+    if "keytoken" in wanted:
         if cap.token_nll is None or cap.token_nll.numel() != n - 1:
             raise ValueError("the keytoken fidelity needs a capture with the per-token NLL (compute_nll, stride 1)")
         groups["keytoken"] = targeted(key_token_positions(engine.lm, ids, cap.token_nll, lo, hi), "keytoken")
-    if {"self_answer", "self_prob"} & set(names):
+    if {"self_answer", "self_prob"} & wanted:
         prompts = [engine.prompt("", q).question_ids for q in SELF_PROMPTS]
         answers = decode_rows(engine.lm, cap.keys, cap.values, keep[:1].expand(len(prompts), -1, -1, -1), prompts,
                               SELF_TOKENS, engine.eos_ids)
@@ -246,4 +256,6 @@ def fidelity_curves(engine, cap, doc_start: int, keep: torch.Tensor, names=FIDEL
         elif name == "self_prob":
             d = stats.nll[0, where["self"]].unsqueeze(0) - stats.nll[1:, where["self"]]
             out[name] = torch.exp(d).clamp(max=1.0).mean(1).tolist()
+    if kl_of:
+        out["kl_of"] = torch.exp(-stats.kl[1:, where[PROBE_GROUPS[kl_of]]].mean(1)).tolist()
     return out

@@ -6,7 +6,8 @@ copy of the data, so ``kvcalib fit`` reproduces the predictors; see README "Cali
 ``default_predictor(model, method=…, allocator=…)`` is what ``calibrate.predict`` (and through it the service, CLI
 and client) uses when no predictor is given: the manifest's default (``risk``: conformal risk control of the answer
 loss at ε) — or ``None`` when no predictor ships for that model or the shipped one was fitted for another scoring
-method / allocator.
+method / allocator. ``full_controller(model, config)`` is the risk controller over a calibration's own r*
+(``full_<fidelity>``) that ``mode=full`` profiles and ``kvcalib calibrate`` apply.
 """
 
 from __future__ import annotations
@@ -64,3 +65,21 @@ def shipped_manifest(model: str) -> dict:
     if folder is None:
         raise PredictorError(f"no predictor ships for model {model!r}")
     return load_manifest(folder)
+
+
+def full_controller(model: str, config) -> Predictor | None:
+    """The risk controller over r* shipped for ``model`` (``full_<fidelity>``, ``risk.fit_full_predictors``) that
+    applies to a calibration with ``config`` (its fidelity, τ, method and allocator:
+    ``calibrate.check_controller``), else None."""
+    from kvcalib.calib.predictors.risk import controller_mismatch
+
+    folder = shipped_folder(str(model))
+    if folder is None:
+        return None
+    name = f"full_{config.fidelity}"
+    if name not in load_manifest(folder).get("predictors", {}):
+        return None
+    pred = shipped_predictor(str(model), name)
+    why = controller_mismatch(pred, fidelity=config.fidelity, tolerance=config.tolerance, method=config.method,
+                              allocator=config.allocator)
+    return None if why else pred

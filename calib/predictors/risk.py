@@ -301,18 +301,45 @@ def split_by_group(records: list[dict], fractions=(0.5, 0.5, 0.0), seed: int = 0
     return parts
 
 
+def r_star_feature(fidelity: str) -> str:
+    """The feature under which a risk controller over r* (``mode=full``) reads a calibration's r* of ``fidelity``:
+    a controller calibrated on one fidelity's r* cannot be fed another's by mistake."""
+    return f"r_star_{fidelity}"
+
+
+def controller_mismatch(controller, *, fidelity: str, tolerance: float, method: str, allocator: str) -> str | None:
+    """Why a risk controller over r* does not apply to a calibration of ``fidelity`` read at τ = ``tolerance`` with
+    ``method`` / ``allocator`` — None when it does. It applies to the fidelity, τ, method and allocator it was fitted
+    for (``training_config()``: ``fidelity``, ``fidelity_tau`` — the τ its r* were read at —, ``method``,
+    ``allocator``, each checked when recorded); a predictor whose training config names no fidelity is no
+    controller (a prefill-only predictor)."""
+    trained = controller.training_config() or {}
+    if "fidelity" not in trained:
+        return (f"predictor {controller.version} is not a risk controller over r* (its training config names no "
+                f"fidelity): fit one with `kvcalib fit` on truth labels")
+    for key, value in (("fidelity", fidelity), ("method", method), ("allocator", allocator)):
+        if key in trained and trained[key] != value:
+            return f"controller {controller.version} was fitted for {key}={trained[key]!r}, not {value!r}"
+    tau = trained.get("fidelity_tau")
+    if tau is not None and abs(float(tau) - float(tolerance)) > 1e-6:
+        return f"controller {controller.version} was fitted on r* read at τ = {tau}, not {tolerance}"
+    return None
+
+
 def fit_full_predictors(records: list[dict], epsilon: float = 0.05, tau: float = TOLERANCE) -> dict[str, Predictor]:
     """``full_<fidelity>``: conformal risk control over the calibration's own r*(τ) of a fidelity candidate
     (``mode=full``; records carry ``fidelity_r_star``, see ``calibration.truth_labels``). The base needs no training,
-    so every record calibrates λ̂. Apply: ``p.predict([{"r_star": result.r_star}])`` for a calibration result of
-    that fidelity. ``tau``: the tolerance the records' r* were read at (recorded). Empty when the records carry no
-    fidelity curves."""
+    so every record calibrates λ̂; it reads the feature ``r_star_<fidelity>`` (``risk.r_star_feature``). Apply:
+    ``calibrate(..., controller=p)`` (or ``calibrate.apply_controller(p, config, result.r_star)``) for a calibration
+    of that fidelity and τ. ``tau``: the tolerance the records' r* were read at (recorded). Empty when the records
+    carry no fidelity curves."""
     names = set.intersection(*(set(r.get("fidelity_r_star") or {}) for r in records)) if records else set()
     _, grid, losses, y = truth_arrays(records) if names else (None, None, None, None)
     out: dict[str, Predictor] = {}
     for name in sorted(names):
-        feats = [{"r_star": float(r["fidelity_r_star"][name])} for r in records]
-        p = RiskControlPredictor(FeaturePredictor("r_star", r_max=max(grid)), epsilon, r_max=max(grid))
+        feature = r_star_feature(name)
+        feats = [{feature: float(r["fidelity_r_star"][name])} for r in records]
+        p = RiskControlPredictor(FeaturePredictor(feature, r_max=max(grid)), epsilon, r_max=max(grid))
         p.calibrate(feats, grid, losses)
         cfg = records[0].get("config") or {}
         tcfg = {k: cfg[k] for k in ("method", "allocator", "allocator_params") if k in cfg}

@@ -73,9 +73,14 @@ def calibrate_cmd(
     model: Annotated[str, typer.Option(help="Registry name or local HF model folder.")] = defaults.MODEL,
     dtype: DtypeOpt = "fp32",
     device: DeviceOpt = "cpu",
+    controller: Annotated[str, typer.Option(help="Risk controller over r* that sets each result's `ratio` (expected "
+                                                 "answer loss <= ε): 'shipped' (the one shipped for the model, when "
+                                                 "it fits the fidelity and τ), 'none' (ratio = r*), or a predictor "
+                                                 "file / folder[:name] fitted by `kvcalib fit`.")] = "shipped",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ):
-    """Calibrate every document of CORPUS (quality curve + r*) and append one result per line to --out."""
+    """Calibrate every document of CORPUS (quality curve, r*, and the risk-controlled ratio) and append one result
+    per line to --out."""
     from kvcalib.calib.calibration.calibrate import CalibrationConfig, calibrate
     from kvcalib.calib.data.corpus import append_label, done_keys, load_corpus, read_labels, read_texts
 
@@ -87,6 +92,7 @@ def calibrate_cmd(
         if v is not None:
             cfg[k] = v
     config = CalibrationConfig.from_dict(cfg)  # bad input fails here, before the model loads
+    ctrl = _controller(controller, model, config)
     if limit is not None and limit < 1:
         fail("--limit must be at least 1")
     read_texts(corpus)  # existence / format check before the model loads
@@ -105,21 +111,47 @@ def calibrate_cmd(
     console.print(f"[dim]{len(docs)} documents, {len(docs) - len(todo)} already labelled, {len(todo)} to go "
                   f"({config.method}/{config.allocator}, τ={config.tolerance})[/]")
     bar = tqdm(total=len(todo), desc="calibrate", unit="doc", disable=quiet)
-    stars = []
+    stars, served = [], []
     for d in todo:
         def progress(frac: float, msg: str, d=d) -> None:
             bar.set_postfix_str(f"{d.id}: {msg}", refresh=True)
 
-        res = calibrate(eng, d.text, config, progress=progress, doc_id=d.id)
+        res = calibrate(eng, d.text, config, progress=progress, doc_id=d.id, controller=ctrl)
         append_label(out, res.to_dict())
         stars.append(res.r_star)
+        served.append(res.ratio)
         bar.update(1)
     bar.close()
     if stars:
         console.print(f"labelled {len(stars)} documents → {out}; mean r* {sum(stars) / len(stars):.3f} "
                       f"(min {min(stars):.3f}, max {max(stars):.3f})")
+        if ctrl is not None:
+            console.print(f"risk-controlled ratio ({ctrl.version}): mean {sum(served) / len(served):.3f}")
     else:
         console.print(f"nothing to do: every document is already in {out}")
+
+
+def _controller(spec: str, model: str, config):
+    """The risk controller of ``--controller``: None for 'none' (and for 'shipped' when none ships that fits),
+    else a loaded and checked predictor; a bad value is a CLI error."""
+    from kvcalib.calib.calibration.calibrate import check_controller
+
+    if spec == "none":
+        return None
+    if spec == "shipped":
+        from kvcalib.calib.predictors.bundled import full_controller
+
+        ctrl = full_controller(model, config)
+        if ctrl is None:
+            console.print(f"[dim]no risk controller ships for {model} with fidelity {config.fidelity} at "
+                          f"τ={config.tolerance}: ratio = r*[/]")
+        return ctrl
+    from kvcalib.calib.predictors import load_predictor
+
+    path, _, name = spec.partition(":") if not Path(spec).exists() else (spec, "", "")
+    ctrl = load_predictor(path, name or None)
+    check_controller(ctrl, config)
+    return ctrl
 
 
 def _metrics_table(title: str, report: dict) -> Table:

@@ -169,7 +169,8 @@ def _demo_service(text: str, method: str, model: str, out_dir: Path, quiet: bool
         if server is not None:
             server.terminate()
             server.wait(timeout=30)
-    summary = {"base_url": base, "job": job["id"], "r_star": profile.get("r_star"),
+    summary = {"base_url": base, "job": job["id"], "r_star": profile.get("r_star"), "ratio": profile.get("ratio"),
+               "controller": profile.get("predictor_version"),
                "curve": profile.get("curve"), "budget": {k: budget.get(k) for k in ("source", "ratio", "token_budget",
                                                                                      "tolerance", "dtype",
                                                                                      "ids_hash")},
@@ -180,7 +181,10 @@ def _demo_service(text: str, method: str, model: str, out_dir: Path, quiet: bool
         for pt in profile.get("curve") or []:
             table.add_row(f"{pt['ratio']:.2f}", f"{pt['fidelity']:.3f}")
         Console().print(table)
-        console.print(f"largest safe ratio r* = {profile.get('r_star'):.3f}; GET /budget → ratio "
+        ctrl = profile.get("predictor_version")
+        console.print(f"largest safe ratio r* = {profile.get('r_star'):.3f}; served ratio {profile.get('ratio'):.3f} "
+                      + (f"(risk controller {ctrl}: expected answer loss ≤ ε); " if ctrl else "(= r*); ")
+                      + "GET /budget → ratio "
                       f"{budget.get('ratio'):.3f}, {budget.get('token_budget')} tokens per head "
                       f"(source: {budget.get('source')}); curve plot: {png}")
     return summary

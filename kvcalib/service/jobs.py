@@ -6,9 +6,11 @@
    failed (resubmission or ``retry`` queue it again);
 2. the run is claimed under a lease (``kvcalib.service.leases``: status ``running``, ``attempts`` + 1, one
    conditional UPDATE); a live lease of another execution makes this one return ``busy`` without computing. While it
-   calibrates, a heartbeat renews the lease and progress is written to the row;
+   calibrates, a heartbeat renews the lease and progress is written to the row. The risk controller over r* that fits
+   the run (``predictions.controller_for``: registered, else shipped) sets the ratio the profile serves;
 3. the curve points, the profile — with its layout for servers (``kvcalib.service.layout.profile_layout``: the
-   context ids' hash, the model shape in the run's dtype, the kept positions at r*) — and the ``succeeded`` status
+   context ids' hash, the model shape in the run's dtype, the kept positions at the served ratio) — and the
+   ``succeeded`` status
    are written in ONE transaction guarded by the unique constraints (profile per run, curve point per (run,
    ratio)); a concurrent duplicate loses the race silently.
 
@@ -84,6 +86,7 @@ def execute_run(db: Database, run_id: int, load_engine: EngineLoader, max_attemp
                 task_id: str | None = None, leases: LeasePolicy | None = None) -> Outcome:
     from kvcalib.calib.calibration.calibrate import CalibrationConfig, calibrate
     from kvcalib.service.layout import profile_layout
+    from kvcalib.service.predictions import controller_for
     from kvcalib.service.runtime import dtype_aware, load_at
 
     policy = leases or LeasePolicy()
@@ -125,7 +128,9 @@ def execute_run(db: Database, run_id: int, load_engine: EngineLoader, max_attemp
             if got != revision:
                 raise KvcalibError(f"model {model_name!r} is at revision {got} in this worker but the run "
                                    f"was submitted for revision {revision}")
-            result = calibrate(engine, text, config, progress=_Progress(db, run_id, heartbeat))
+            choice = controller_for(db, model_name, config)  # risk control of the served ratio, when one fits
+            result = calibrate(engine, text, config, progress=_Progress(db, run_id, heartbeat),
+                               controller=choice.predictor if choice is not None else None)
             heartbeat.check()
             layout = profile_layout(engine, text, config, model=model_name, result=result)
     except LeaseLost as exc:
@@ -144,7 +149,7 @@ def execute_run(db: Database, run_id: int, load_engine: EngineLoader, max_attemp
     with db.session() as s:
         run = repo.get_run(s, run_id=run_id)
         profile, written = repo.save_result(s, run=run, result=result,
-                                            token_budget=token_budget_of(result.r_star, result.context_tokens),
+                                            token_budget=token_budget_of(result.ratio, result.context_tokens),
                                             server=layout)
         if run.document.token_count is None:
             run.document.token_count = int(result.context_tokens)

@@ -81,11 +81,11 @@ def _layout(engine: Engine, model: str, kind: PromptKind, ids: torch.Tensor, doc
 def profile_layout(engine: Engine, text: str, config: CalibrationConfig, *, model: str,
                    result: CalibrationResult) -> ServerLayout:
     """The layout of a calibration's profile: the hash of its context ids (kvcalib's chat-template prompt of the
-    text) and the kept positions at r* — the calibration's own keep mask (``CalibrationResult.keep_at_r_star``,
+    text) and the kept positions at the served ratio — the calibration's own keep mask (``CalibrationResult.keep``,
     the mask its head budgets count: no model work). A result that was not computed in this process has no mask:
     its positions are left out."""
-    if result.keep_at_r_star is not None and result.context_ids is not None:
-        return _layout(engine, model, "chat_template", result.context_ids, result.doc_start, result.keep_at_r_star,
+    if result.keep is not None and result.context_ids is not None:
+        return _layout(engine, model, "chat_template", result.context_ids, result.doc_start, result.keep,
                        config.allocator)
     from kvcalib.calib.calibration.calibrate import context_ids
 

@@ -145,7 +145,8 @@ class CurvePoint(StoreTable):
 
 
 class Profile(StoreTable):
-    """The product of a calibration run: r* at the tolerance and the budgets that realise it."""
+    """The product of a calibration run: r* at the tolerance, the ratio it serves (risk-controlled where a controller
+    fits) and the budgets that realise that ratio."""
 
     __tablename__ = "profiles"
     __table_args__ = (Index("ix_profiles_lookup", "document_id", "model_id", "tolerance"),)
@@ -175,6 +176,13 @@ class Profile(StoreTable):
     model_shape: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     prompt_format: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     kept_positions: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    # The ratio the profile serves (migration 0006; None on older rows: r*): the risk controller's ratio, whose
+    # version is ``predictor_version``, or r* where none fits. The budgets and kept positions realise it.
+    ratio: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+    @property
+    def served_ratio(self) -> float:
+        return float(self.ratio if self.ratio is not None else self.r_star)
 
     run: Mapped[CalibrationRun] = relationship()
     document: Mapped[Document] = relationship()

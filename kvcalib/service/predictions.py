@@ -105,10 +105,17 @@ def _trained(predictor: RatioPredictor) -> dict[str, Any]:
     return trained if isinstance(trained, dict) else {}
 
 
+def is_controller(trained: dict[str, Any]) -> bool:
+    """A risk controller over a calibration's r* (``mode=full``: its training config names a fidelity) reads the
+    calibration's r*, not the features of a prefill: it never answers a prediction."""
+    return "fidelity" in trained
+
+
 def config_fits(trained: dict[str, Any], config: CalibrationConfig | RequestKey) -> bool:
-    """A training configuration answers for a request when each of its method, allocator and τ (those it records)
-    equals the request's."""
-    return all(trained[k] == getattr(config, k) for k in ("method", "allocator", "tolerance") if k in trained)
+    """A training configuration answers for a prediction request when it is no risk controller over r* and each of
+    its method, allocator and τ (those it records) equals the request's."""
+    return not is_controller(trained) and all(trained[k] == getattr(config, k)
+                                              for k in ("method", "allocator", "tolerance") if k in trained)
 
 
 def predictor_fits(predictor: RatioPredictor, config: CalibrationConfig | RequestKey) -> bool:
@@ -256,6 +263,14 @@ class Predictors:
             log.warning("the predictor shipped for %s cannot be loaded", model, exc_info=True)
             return None
         return Choice(pred, "shipped", name=name, artefact_path=str(folder) if folder else None, model=model)
+
+    def controller(self, model: str, config: CalibrationConfig) -> Choice | None:
+        """The risk controller a ``mode=full`` calibration of ``model`` with ``config`` applies
+        (``controller_for``); a shipped one is recorded in the ``predictors`` table the first time it serves."""
+        choice = controller_for(self.db, model, config)
+        if choice is not None and choice.source == "shipped":
+            self._record(choice)
+        return choice
 
     def fallback(self, p: CalibrationParams) -> FallbackPredictor:
         """No (fitting) trained predictor: the median r* of the stored profiles of the same model, method,
@@ -433,3 +448,42 @@ class user_params_errors:
             raise ServiceInputError(f"calibration failed with the given method_params: {type(exc).__name__}: "
                                     f"{exc}") from exc
         return False
+
+
+def controller_for(db: Database, model: str, config: CalibrationConfig) -> Choice | None:
+    """The risk controller over r* that a ``mode=full`` calibration of ``model`` with ``config`` applies
+    (``calibrate(..., controller=…)``: the profile serves ⌊r* − λ̂⌋_grid, expected answer loss ≤ ε): the newest
+    registered one bound to ``model`` or to none that was fitted for the calibration's fidelity, τ, method and
+    allocator (``calibrate.check_controller``), else the one shipped for ``model`` (``full_<fidelity>``), else None
+    (the profile serves r* itself)."""
+    from kvcalib.calib.calibration.calibrate import CalibrationError, check_controller
+    from kvcalib.calib.predictors import bundled
+
+    with db.session() as s:
+        rows = [r for r in repo.predictor_candidates(s, model=model) if is_controller(r.training_config or {})]
+        blobs = [(r.version, r.artefact, r.artefact_path, r.model) for r in rows]
+    for version, artefact, path, bound in blobs:
+        try:
+            if artefact is not None:
+                pred = parse_predictor(json.loads(artefact.decode("utf-8")))
+            else:
+                from kvcalib.calib.predictors import load_predictor
+
+                pred = load_predictor(path)
+            check_controller(pred, config)
+        except CalibrationError:
+            continue
+        except Exception:  # noqa: BLE001 - a stale row must not fail a calibration
+            log.warning("stored predictor %s cannot be loaded; skipped", version, exc_info=True)
+            continue
+        return Choice(pred, "registered", artefact_path=path, model=bound)
+    try:
+        pred = bundled.full_controller(model, config)
+    except Exception:  # noqa: BLE001 - a broken package file: serve r*, say why in the log
+        log.warning("the controller shipped for %s cannot be loaded", model, exc_info=True)
+        return None
+    if pred is None:
+        return None
+    folder = bundled.shipped_folder(model)
+    return Choice(pred, "shipped", name=f"full_{config.fidelity}", artefact_path=str(folder) if folder else None,
+                  model=model)

@@ -39,6 +39,8 @@ class CalibrationOutcome(Protocol):
     fidelity: Sequence[float]
     kl: Sequence[float] | None
     r_star: float
+    ratio: float  # the ratio to serve (r*, or the risk controller's); the budgets realise it
+    controller: str | None  # the risk controller's version, None: ratio = r*
     context_tokens: int
     monotone: bool
     layer_budgets: Sequence[int]  # (L,)
@@ -207,8 +209,9 @@ class ServerFields(Protocol):
 
 
 def save_result(s: Session, *, run: CalibrationRun, result: CalibrationOutcome, token_budget: int,
-                predictor_version: str | None = None, server: ServerFields | None = None) -> tuple[Profile, bool]:
-    """Store the curve and the profile of a finished run exactly once. Returns (profile, written_now). ``server``:
+                server: ServerFields | None = None) -> tuple[Profile, bool]:
+    """Store the curve and the profile of a finished run exactly once. Returns (profile, written_now). The profile
+    serves ``result.ratio`` (migration 0006) with its controller's version as ``predictor_version``. ``server``:
     the context ids' hash, dtype, model shape, prompt format and kept positions of the profile (migration 0004).
 
     Called inside one transaction with the run's status update, so a crash anywhere before the commit leaves
@@ -228,7 +231,8 @@ def save_result(s: Session, *, run: CalibrationRun, result: CalibrationOutcome, 
         "token_budget": int(token_budget), "context_tokens": int(result.context_tokens),
         "monotone": bool(result.monotone), "layer_budgets": [int(x) for x in result.layer_budgets],
         "head_budgets": [[int(x) for x in row] for row in result.head_budgets],
-        "features": jsonable(result.features or {}), "predictor_version": predictor_version,
+        "features": jsonable(result.features or {}), "predictor_version": result.controller,
+        "ratio": float(result.ratio),
         "seconds": float(result.seconds) if result.seconds is not None else None, "created_at": utcnow(),
         "dtype": server.dtype if server is not None else run.dtype, **_server_values(server),
     }, conflict=["run_id"])
@@ -289,7 +293,8 @@ def find_profile(s: Session, *, content_hash: str, model_name: str, tolerance: f
 
 
 BUDGET_COLUMNS = (Profile.id, Document.content_hash, Model.name, Model.revision, Profile.method, Profile.allocator,
-                  Profile.tolerance, Profile.r_star, Profile.token_budget, Profile.context_tokens,
+                  Profile.tolerance, func.coalesce(Profile.ratio, Profile.r_star), Profile.token_budget,
+                  Profile.context_tokens,
                   Profile.layer_budgets, Profile.head_budgets, Profile.predictor_version, Profile.ids_hash,
                   Profile.dtype, Profile.model_shape, Profile.prompt_format)
 OLD_ROWS_DTYPE = "fp32"  # profiles from before migration 0004 record no dtype: the service default then

@@ -24,6 +24,7 @@ class ProfileSummary:
 
     profile_id: int
     r_star: float
+    ratio: float  # the ratio served: risk-controlled, or r* where no controller fits
     token_budget: int
     context_tokens: int
     monotone: bool
@@ -31,7 +32,8 @@ class ProfileSummary:
 
     @classmethod
     def of(cls, p: Profile) -> ProfileSummary:
-        return cls(profile_id=p.id, r_star=p.r_star, token_budget=p.token_budget, context_tokens=p.context_tokens,
+        return cls(profile_id=p.id, r_star=p.r_star, ratio=p.served_ratio, token_budget=p.token_budget,
+                   context_tokens=p.context_tokens,
                    monotone=p.monotone, seconds=p.seconds)
 
 
@@ -152,9 +154,11 @@ class _ProfileHead:
 
 @dataclass(frozen=True)
 class ProfileView(CalibrationKey, _ProfileHead):
-    """A stored profile: r* at τ, the budgets that realise it, the document's features and the fidelity curve."""
+    """A stored profile: r* at τ, the ratio it serves (risk-controlled where a controller fits, whose version is
+    ``predictor_version``; else r*), the budgets that realise that ratio, the document's features and the curve."""
 
     r_star: float
+    ratio: float
     token_budget: int
     context_tokens: int
     monotone: bool
@@ -173,7 +177,8 @@ class ProfileView(CalibrationKey, _ProfileHead):
     def of(cls, p: Profile, points: Sequence[CurvePoint]) -> ProfileView:
         return cls(id=p.id, job_id=p.run_id, document_id=p.document_id, document_hash=p.document.content_hash,
                    model=p.model.name, model_revision=p.model.revision, method=p.method, allocator=p.allocator,
-                   tolerance=p.tolerance, r_star=p.r_star, token_budget=p.token_budget,
+                   tolerance=p.tolerance, r_star=p.r_star, ratio=p.served_ratio,
+                   token_budget=p.token_budget,
                    context_tokens=p.context_tokens, monotone=p.monotone, layer_budgets=p.layer_budgets,
                    head_budgets=p.head_budgets, features=p.features, predictor_version=p.predictor_version,
                    seconds=p.seconds, created_at=p.created_at, params=p.run.params,
@@ -235,7 +240,7 @@ class BudgetView:
     method: str
     allocator: str
     tolerance: float
-    ratio: float  # compression ratio to apply (r*)
+    ratio: float  # compression ratio to apply (a profile's served ratio, or the predicted one)
     token_budget: int  # average kept positions per (layer, kv head)
     context_tokens: int
     layer_budgets: list[int]  # (L,) kept positions per layer

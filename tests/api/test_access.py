@@ -154,7 +154,8 @@ def test_metrics_labels_are_bounded_and_domain_metrics_exported(tmp_path, engine
             doc = repo.get_or_create_document(s, text="stored", content_hash="f" * 64, token_count=200)
             run, _ = repo.get_or_create_run(s, document=doc, model=model, params={}, params_hash="h" * 64,
                                             method="compactor", allocator="adakv", tolerance=0.95)
-            res = SimpleNamespace(ratios=[0.3, 0.6], fidelity=[0.99, 0.9], kl=None, r_star=0.42, context_tokens=200,
+            res = SimpleNamespace(ratios=[0.3, 0.6], fidelity=[0.99, 0.9], kl=None, r_star=0.42, ratio=0.42,
+                                  controller=None, context_tokens=200,
                                   monotone=True, layer_budgets=[1], head_budgets=[[1]], features={}, seconds=7.5)
             repo.save_result(s, run=run, result=res, token_budget=token_budget_of(0.42, 200))
         text = c.get("/metrics").text

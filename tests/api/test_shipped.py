@@ -10,7 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
-from tests.support import isolated_settings, short_documents
+from tests.support import isolated_settings, short_documents, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -71,3 +71,53 @@ def test_a_fresh_install_predicts_document_dependent_ratios_from_the_shipped_pre
     assert len(set(ratios.values())) >= 2, f"every document got the same ratio: {ratios}"
     assert listing["defaults"][MODEL] == version
     assert json.dumps(ratios)  # plain floats
+
+
+def test_full_mode_profiles_serve_the_risk_controlled_ratio(tmp_path, tokenizer):
+    """``mode=full`` on a fresh install: the profile keeps r* and serves the shipped controller's ⌊r* − λ̂⌋_grid
+    (its version as ``predictor_version``), with budgets at that ratio, and ``GET /budget`` answers that ratio. A
+    controller registered through ``POST /predictors`` takes over for later calibrations, and never answers a
+    prediction from features."""
+    from kvcalib.api.app import create_app
+    from kvcalib.calib.budget import Budget
+    from kvcalib.calib.predictors.bundled import shipped_predictor
+    from kvcalib.calib.predictors.risk import FeaturePredictor, RiskControlPredictor
+
+    shipped = shipped_predictor(MODEL, "full_salient")
+    docs = short_documents(tokenizer, 2, 500, 700)
+    with TestClient(create_app(isolated_settings(tmp_path))) as c:
+        def full(text):
+            r = c.post("/calibrate", json={"mode": "full", "text": text})
+            assert r.status_code in (200, 202), r.text
+
+            def done():
+                j = c.get(f"/jobs/{r.json()['id']}").json()
+                return j if j["status"] in ("succeeded", "failed") else None
+
+            job = wait_for(done, 300, 0.3, "calibration job")
+            assert job["status"] == "succeeded", job
+            return c.get(f"/profiles/{job['result']['profile_id']}").json(), job
+
+        prof, job = full(docs[0])
+        want = float(shipped.predict([{"r_star_salient": prof["r_star"]}])[0])
+        assert prof["predictor_version"] == shipped.version and prof["ratio"] == pytest.approx(want)
+        assert job["result"]["ratio"] == pytest.approx(want) and prof["ratio"] < prof["r_star"]
+        n = prof["context_tokens"]
+        assert prof["token_budget"] == Budget(ratio=prof["ratio"]).per_head(n)
+        assert sum(prof["layer_budgets"]) == pytest.approx(len(prof["layer_budgets"]) * len(prof["head_budgets"][0])
+                                                           * n * (1 - prof["ratio"]), rel=0.02)
+        b = c.get("/budget", params={"document_hash": prof["document_hash"]}).json()
+        assert b["source"] == "profile" and b["ratio"] == pytest.approx(prof["ratio"])
+        assert b["predictor_version"] == shipped.version
+
+        mine = RiskControlPredictor(FeaturePredictor("r_star_salient", r_max=0.95), 0.05, lam=0.0,
+                                    grid=shipped.grid, r_max=0.95)  # serves ⌊r*⌋_grid
+        mine.training = dict(shipped.training)
+        r = c.post("/predictors", json=mine.to_json())
+        assert r.status_code == 201, r.text
+        prof2, _ = full(docs[1])
+        grid_below = [g for g in shipped.grid if g <= prof2["r_star"] + 1e-9]
+        assert prof2["predictor_version"] == mine.version
+        assert prof2["ratio"] == pytest.approx(max(grid_below, default=0.0))
+        p = c.post("/calibrate", json={"mode": "predict", "text": docs[1]}).json()
+        assert p["predictor_version"] == shipped_predictor(MODEL).version  # the prefill-only default

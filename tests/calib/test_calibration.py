@@ -288,8 +288,9 @@ def test_calibrate_contract(engine, short_text):
     assert 0.0 <= res.features["win_cov_q05_r0.5"] <= 1.0 and 0.0 <= res.features["win_cov_r50"] <= 0.8
     assert [f for f, _ in seen] == sorted(f for f, _ in seen) and seen[-1][0] == 1.0
     # the kept positions at r* travel beside the record (a server layout needs no second prefill), unserialised
-    assert res.keep_at_r_star.shape == (30, 3, n) and res.keep_at_r_star.sum(-1).tolist() == res.head_budgets
-    assert res.context_ids.numel() == n and 0 < res.doc_start < n and "keep_at_r_star" not in res.to_dict()
+    assert res.keep.shape == (30, 3, n) and res.keep.sum(-1).tolist() == res.head_budgets
+    assert res.context_ids.numel() == n and 0 < res.doc_start < n and "keep" not in res.to_dict()
+    assert res.ratio == res.r_star and res.controller is None  # no controller: the served ratio is r*
     assert len(res.probe_fidelity) == 3 and len(res.probe_fidelity[0]) == 3  # 2 reconstruction + 1 user
     d = res.to_dict()
     assert json.loads(json.dumps(d)) == d and d["params_hash"] == cfg.params_hash()
@@ -297,6 +298,42 @@ def test_calibrate_contract(engine, short_text):
     assert back.r_star == res.r_star and back.config == cfg and back.head_budgets == res.head_budgets
     with pytest.raises(KvcalibError):
         CalibrationResult.from_dict({"config": cfg.to_dict()})
+
+
+def test_risk_controller_sets_the_served_ratio_and_its_budgets(engine, short_text):
+    """With a risk controller over r* (``mode=full``), the result keeps r* and serves ⌊r* − λ⌋_grid — computed here
+    by hand — with the budgets and the keep mask at that ratio; a controller fitted for another fidelity or τ, or a
+    prefill-only predictor, is refused before any model work."""
+    from kvcalib.calib.calibration.calibrate import check_controller
+    from kvcalib.calib.predictors.risk import FeaturePredictor, RiskControlPredictor
+
+    cfg = CalibrationConfig(ratios=(0.2, 0.5, 0.8), n_probes=2, probe_tokens=8, cue_tokens=6, allocator="uniform",
+                            fidelity="reconstruction", tolerance=0.5)
+    ctrl = RiskControlPredictor(FeaturePredictor("r_star_reconstruction", r_max=0.8), 0.05, lam=0.25,
+                                grid=cfg.ratios, r_max=0.8)
+    ctrl.training = {"config": {"method": cfg.method, "allocator": "uniform", "fidelity": "reconstruction",
+                                "fidelity_tau": 0.5, "tolerance": 0.95}}
+    res = calibrate(engine, short_text, cfg, controller=ctrl)
+    want = max([g for g in cfg.ratios if g <= res.r_star - 0.25 + 1e-9], default=0.0)  # the largest grid ratio ≤
+    assert res.ratio == pytest.approx(want) and res.controller == ctrl.version
+    n = res.context_tokens
+    assert res.layer_budgets == [3 * Budget(ratio=res.ratio).per_head(n)] * 30  # uniform allocation at the ratio
+    assert res.keep.sum(-1).tolist() == res.head_budgets
+    back = CalibrationResult.from_dict(res.to_dict())
+    assert back.ratio == res.ratio and back.controller == ctrl.version and back.r_star == res.r_star
+    old = res.to_dict()
+    del old["ratio"], old["controller"]  # a record from before the field: it serves r*
+    assert CalibrationResult.from_dict(old).ratio == res.r_star
+    for field_, value, says in (("fidelity", "salient", "fidelity"), ("fidelity_tau", 0.95, "τ = 0.95"),
+                                ("allocator", "adakv", "allocator")):
+        bad = RiskControlPredictor(ctrl.base, 0.05, lam=0.25, grid=cfg.ratios, r_max=0.8)
+        bad.training = {"config": dict(ctrl.training["config"], **{field_: value})}
+        with pytest.raises(KvcalibError, match=says):
+            calibrate(engine, "never reaches the model", cfg, controller=bad)
+    plain = RiskControlPredictor(ctrl.base, 0.05, lam=0.25, grid=cfg.ratios, r_max=0.8)
+    plain.training = {"config": {"method": cfg.method, "allocator": "uniform", "tolerance": 0.95}}
+    with pytest.raises(KvcalibError, match="not a risk controller"):
+        check_controller(plain, cfg)
 
 
 def test_predict_featurize_and_budgets(engine, short_text, scored):

@@ -60,6 +60,28 @@ def test_probe_stats_equal_the_one_pass_curve(engine, setup):
     assert curves["kl"] == pytest.approx([math.exp(-k) for k in ref.kl], rel=1e-3)
 
 
+def test_the_kl_beside_a_candidate_reads_that_candidate_s_own_probes(engine, setup):
+    """``kl_of``: the KL curve over the salient probes' targets, computed by hand from ``probe_stats`` on those
+    probes alone; the same whatever other candidates share the forward, and not the reconstruction probes' KL."""
+    cap, _, keep, start = setup
+    alone = FD.fidelity_curves(engine, cap, start, keep, ("salient",), n_probes=3, kl_of="salient")
+    mixed = FD.fidelity_curves(engine, cap, start, keep, ("reconstruction", "kl", "salient"), n_probes=3,
+                               kl_of="salient")
+    assert set(alone) == {"salient", "kl_of"}
+    assert alone["kl_of"] == pytest.approx(mixed["kl_of"], rel=1e-4)
+    assert alone["salient"] == pytest.approx(mixed["salient"], abs=1e-5)
+    assert alone["kl_of"] != pytest.approx(mixed["kl"], rel=1e-3)
+    ids, n = cap.input_ids, cap.input_ids.numel()
+    lo, hi = start + FD.EDGE_MARGIN, n - FD.EDGE_MARGIN
+    cands = [p for p in FD.salient_positions(engine.tokenizer, ids, lo, hi, 0) if lo + 4 <= p <= hi - 6]
+    probes = FD._probes_at(ids, FD._spread(cands, 3, lo, hi), 4, 6, "salient")
+    stats = FD.probe_stats(engine.lm, cap.keys, cap.values, keep, probes)
+    by_hand = [math.exp(-float(stats.kl[i, :].mean())) for i in range(1, keep.shape[0])]
+    assert alone["kl_of"] == pytest.approx(by_hand, rel=1e-4)
+    with pytest.raises(ValueError, match="unknown fidelity"):
+        FD.fidelity_curves(engine, cap, start, keep, ("salient",), kl_of="nope")
+
+
 def test_key_tokens_follow_longppl_with_a_naive_short_context(engine, setup):
     cap, _, _, start = setup
     ids = cap.input_ids

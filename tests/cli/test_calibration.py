@@ -37,6 +37,19 @@ def test_calibrate_fit_evaluate(engine, corpus, tmp_path):
     assert len(rows) == 4 and len({r["content_hash"] for r in rows}) == 4
     assert all(r["ratios"] == [0.3, 0.7] and 0.0 <= r["r_star"] <= 0.7 for r in rows)
     assert all(r["config"]["n_probes"] == 2 and r["doc_id"] for r in rows)
+    # the shipped risk controller over r* (default --controller shipped) sets each record's served ratio
+    from kvcalib.calib.predictors.bundled import shipped_predictor
+
+    ctrl = shipped_predictor("smollm2-135m", "full_salient")
+    for r in rows:
+        want = min(float(ctrl.predict([{"r_star_salient": r["r_star"]}])[0]), 0.7)
+        assert r["controller"] == ctrl.version and r["ratio"] == pytest.approx(want) and r["ratio"] <= r["r_star"]
+    plain = tmp_path / "plain.jsonl"
+    res = runner.invoke(app, ["calibrate", str(corpus), "--out", str(plain), "--limit", "1", "--controller", "none",
+                              *TINY])
+    assert res.exit_code == 0, res.output
+    (row,) = [json.loads(line) for line in plain.read_text().splitlines()]
+    assert row["controller"] is None and row["ratio"] == row["r_star"] == rows[0]["r_star"]
 
     again = runner.invoke(app, ["calibrate", str(corpus), "--out", str(labels), "--limit", "4", *TINY])
     assert again.exit_code == 0, again.output
@@ -74,6 +87,11 @@ def test_calibrate_fit_evaluate(engine, corpus, tmp_path):
     (["calibrate", "{corpus}", "--out", "{tmp}/l.jsonl", "--limit", "0"], "--limit"),
     (["calibrate", "{corpus}", "--out", "{tmp}/l.jsonl", "--fidelity", "bogus"], "unknown fidelity"),
     (["calibrate", "{empty}", "--out", "{tmp}/l.jsonl"], "text"),
+    (["calibrate", "{corpus}", "--out", "{tmp}/l.jsonl", "--controller", "{tmp}/nope.json"], "does not exist"),
+    (["calibrate", "{corpus}", "--out", "{tmp}/l.jsonl", "--controller", "{shipped}/risk.json"],
+     "not a risk controller"),
+    (["calibrate", "{corpus}", "--out", "{tmp}/l.jsonl", "--controller", "{shipped}:full_reconstruction"],
+     "fidelity='reconstruction'"),
     (["fit", "{tmp}/missing.jsonl", "--out", "{tmp}/p"], "does not exist"),
     (["fit", "{garbage}", "--out", "{tmp}/p"], "invalid json"),
     (["fit", "{garbage}", "--out", "{tmp}/p", "--alpha", "1.5"], "--alpha"),
@@ -86,7 +104,10 @@ def test_bad_input_is_a_clear_message_and_exit_2(args, message, corpus, tmp_path
     empty.write_text(json.dumps({"id": "x", "text": ""}) + "\n")
     garbage = tmp_path / "garbage.jsonl"
     garbage.write_text("{not json\n")
-    args = [a.format(tmp=tmp_path, corpus=corpus, empty=empty, garbage=garbage) for a in args]
+    from kvcalib.calib.predictors.bundled import shipped_folder
+
+    args = [a.format(tmp=tmp_path, corpus=corpus, empty=empty, garbage=garbage, shipped=shipped_folder("smollm2-135m"))
+            for a in args]
     res = runner.invoke(app, args)
     assert res.exit_code == 2, res.output
     assert message.lower() in " ".join(res.output.split()).lower()  # rich wraps long lines

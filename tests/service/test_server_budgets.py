@@ -21,6 +21,7 @@ SHAPE = {"layers": 4, "kv_heads": 2, "query_heads": 6, "head_dim": 64, "dtype": 
 def fake_result(n_layers=4, n_heads=2, r=0.5, n=200):
     per_head = int(n * (1 - r))
     return SimpleNamespace(ratios=[0.3, 0.6, 0.9], fidelity=[0.99, 0.96, 0.7], kl=[0.01, 0.05, 0.4], r_star=r,
+                           ratio=r, controller=None,
                            context_tokens=n, monotone=True, layer_budgets=[per_head * n_heads] * n_layers,
                            head_budgets=[[per_head] * n_heads] * n_layers, features={"nll": 2.5}, seconds=1.5)
 

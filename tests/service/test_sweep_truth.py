@@ -262,7 +262,9 @@ def test_truth_trials_equal_an_independent_recomputation(engine, truth_docs, sql
         assert t.values[1] == pytest.approx(sum(g["answer_loss"] for g in got) / 2, abs=1e-6)
         tasks = [g.get("r_star_task", a["r_star_task"][i]) for i, g in enumerate(got)]
         assert a["r_star_task"] == pytest.approx(tasks, abs=1e-4)
-        assert a["violation_rate"] == sum(r > s + 1e-9 for r, s in zip(a["r_star"], tasks)) / 2
+        # unrounded on both sides: r* may be a grid point of its own truth run (r*_task = r* exactly), where the
+        # 4-decimal rounding of the stored attribute would make a violation out of an equality
+        assert a["violation_rate"] == sum(g["r_star"] > s + 1e-9 for g, s in zip(got, tasks)) / 2
         assert a["uncounted_documents"] == sum(g["n_counted"] == 0 for g in got)
         assert all(0.0 <= x <= max(GRID) for x in a["r_star"]) and all(0.0 <= x <= 1.0 for x in a["answer_loss"])
     print(f"\ntruth trial: {per_trial:.1f} s per trial ({len(truth_docs)} documents, grid {GRID}, "
