@@ -102,31 +102,62 @@ class PrefillRecorder:
     def __init__(self, n_layers: int, query_tail: int | None, head_dim: int,
                  observers: Sequence[LayerObserver] = (), query_positions: torch.Tensor | None = None,
                  keep_keys_pre: bool = True):
+        self.n_layers = n_layers
         self.keys: list[torch.Tensor | None] = [None] * n_layers
         self.values: list[torch.Tensor | None] = [None] * n_layers
         self.queries: list[torch.Tensor | None] = [None] * n_layers
         self.keys_pre: list[torch.Tensor | None] = [None] * n_layers
         self.seen_pre = [False] * n_layers
+        # (L, H, N, d) buffers the layers are copied into as the forward runs: the stacked capture exists once,
+        # never beside a list of per-layer tensors (``stacked``); a layer of another shape falls back to stacking
+        self._bufs: dict[str, torch.Tensor | None] = {}
         self.query_tail = query_tail
         self.head_dim = head_dim
         self.observers = list(observers)
         self.query_positions = query_positions
         self.keep_keys_pre = keep_keys_pre
 
+    def _slot(self, name: str, layer_idx: int, t: torch.Tensor) -> torch.Tensor:
+        """``t`` (H, N, d) copied into layer ``layer_idx`` of the ``name`` buffer (made at the first layer); the
+        slot (a view) is returned. A layer whose shape, dtype or device differs from the first turns the buffer off
+        (``stacked`` then stacks the per-layer tensors, the old path)."""
+        buf = self._bufs.get(name, ...)
+        if buf is ...:
+            buf = self._bufs[name] = t.new_empty((self.n_layers, *t.shape))
+        if buf is None or buf.shape[1:] != t.shape or buf.dtype != t.dtype or buf.device != t.device:
+            if buf is not None:  # earlier layers keep their slots (views); stacking copies them
+                self._bufs[name] = None
+            return t
+        buf[layer_idx].copy_(t)
+        return buf[layer_idx]
+
+    def stacked(self, name: str) -> torch.Tensor:
+        """The (L, H, N, d) capture of ``name`` (keys, values, keys_pre, queries): the buffer the layers were copied
+        into when every layer went there, else ``torch.stack`` of the per-layer tensors."""
+        layers = getattr(self, name)
+        buf = self._bufs.get(name)
+        if isinstance(buf, torch.Tensor) and all(x is not None and x.data_ptr() == buf[i].data_ptr()
+                                                 for i, x in enumerate(layers)):
+            return buf
+        return torch.stack(layers)
+
     def record(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         # q (1, Hq, N, d), k/v (1, Hkv, N, d); the layer's key-source hook has already run (k_proj precedes attention)
-        self.keys[layer_idx] = k[0]
-        self.values[layer_idx] = v[0]
+        self.keys[layer_idx] = self._slot("keys", layer_idx, k[0])
+        self.values[layer_idx] = self._slot("values", layer_idx, v[0])
         k_pre = self.keys_pre[layer_idx]
         for obs in self.observers:
             obs.observe(layer_idx, q[0], k[0], v[0], k_pre)
         if not self.keep_keys_pre:
             self.keys_pre[layer_idx] = None
+        elif k_pre is not None:
+            self.keys_pre[layer_idx] = self._slot("keys_pre", layer_idx, k_pre)
         if self.query_positions is not None:
             self.queries[layer_idx] = q[0, :, self.query_positions.to(q.device)]  # (Hq, Nq, d) a copy
         else:
             tail = self.query_tail
-            self.queries[layer_idx] = q[0] if tail is None else q[0, :, max(0, q.shape[2] - tail):].clone()
+            self.queries[layer_idx] = (self._slot("queries", layer_idx, q[0]) if tail is None
+                                       else q[0, :, max(0, q.shape[2] - tail):].clone())
 
     def record_key_source(self, layer_idx: int, out: torch.Tensor) -> None:
         # out (1, N, Hkv·d) from k_proj, or (1, N, Hkv, d) from k_norm
@@ -141,7 +172,7 @@ def prefill(
     input_ids: torch.Tensor,
     compute_nll: bool = False,
     query_tail: int | None = None,
-    nll_chunk: int = 512,
+    nll_chunk: int = 128,
     nll_stride: int = 1,
     observers: Sequence[LayerObserver] = (),
     query_positions: torch.Tensor | None = None,
@@ -186,10 +217,10 @@ def prefill(
     seconds = time.perf_counter() - t0
     return Capture(
         input_ids=ids[0].cpu(),
-        keys=torch.stack(rec.keys),
-        values=torch.stack(rec.values),
-        keys_pre=torch.stack(rec.keys_pre) if keep_keys_pre else None,
-        queries=torch.stack(rec.queries),
+        keys=rec.stacked("keys"),
+        values=rec.stacked("values"),
+        keys_pre=rec.stacked("keys_pre") if keep_keys_pre else None,
+        queries=rec.stacked("queries"),
         last_logits=last_logits,
         token_nll=token_nll,
         prefill_seconds=seconds,

@@ -54,7 +54,9 @@ class Probe:
 
 @dataclass
 class PackedProbes:
-    """All probes concatenated into one sequence of T tokens (segment id = probe index)."""
+    """All probes concatenated into one sequence of T tokens (segment id = probe index). Each probe is fed without
+    its last token: under the block-diagonal causal mask no later position of its segment reads it, and no logit
+    is taken there (its target is the last predicted token), so leaving it out changes nothing but the cost."""
 
     ids: torch.Tensor  # (T,)
     segments: torch.Tensor  # (T,) probe index of every token
@@ -73,12 +75,12 @@ def pack(probes: list[Probe]) -> PackedProbes:
         t = int(p.ids.numel())
         if p.target_start < 1 or p.target_start >= t:
             raise ProbeError(f"probe {k} has no scorable target (target_start={p.target_start}, length={t})")
-        ids.append(p.ids.long())
-        seg.append(torch.full((t,), k, dtype=torch.long))
+        ids.append(p.ids[:-1].long())  # the inputs: every token but the last (only ever a target)
+        seg.append(torch.full((t - 1,), k, dtype=torch.long))
         pred.append(torch.arange(offset + p.target_start - 1, offset + t - 1))
         tgt.append(p.ids[p.target_start:].long())
         own.append(torch.full((t - p.target_start,), k, dtype=torch.long))
-        offset += t
+        offset += t - 1
     return PackedProbes(ids=torch.cat(ids), segments=torch.cat(seg), pred_index=torch.cat(pred),
                         targets=torch.cat(tgt), owner=torch.cat(own), n_probes=len(probes))
 

@@ -219,10 +219,10 @@ class KvcalibCompressor:
         if not all(rec.seen_pre):
             raise IntegrationError("the capture hooks recorded no pre-RoPE keys: the model's layers were replaced")
         logits = logits.detach() if logits is not None else None
-        cap = Capture(input_ids=ids.detach().cpu(), keys=torch.stack(rec.keys).detach(),
-                      values=torch.stack(rec.values).detach(),
-                      keys_pre=torch.stack(rec.keys_pre).detach() if rec.keep_keys_pre else None,
-                      queries=torch.stack(rec.queries).detach(),
+        cap = Capture(input_ids=ids.detach().cpu(), keys=rec.stacked("keys").detach(),
+                      values=rec.stacked("values").detach(),
+                      keys_pre=rec.stacked("keys_pre").detach() if rec.keep_keys_pre else None,
+                      queries=rec.stacked("queries").detach(),
                       last_logits=logits[-1].float() if logits is not None else torch.zeros(0),
                       query_positions=rec.query_positions.cpu() if rec.query_positions is not None else None)
         del rec

@@ -2,7 +2,8 @@
 Approximate Leverage Scores".
 
 Leverage part: K̄ = pre-RoPE keys centred over positions (N × d) per head, X = K̄Φ with a Gaussian sketch
-Φ ∈ R^{d×k}, entries N(0, 1/k), k = 48; ℓ_i = x_iᵀ (XᵀX + ρI)⁻¹ x_i (Cholesky with jitter escalation).
+Φ ∈ R^{d×k}, entries N(0, 1/k), k = 48; ℓ_i = x_iᵀ (XᵀX + ρI)⁻¹ x_i (Cholesky with jitter escalation, per
+layer).
 Attention part: non-causal softmax(Q Kᵀ) inside chunks of 256 positions (no 1/√d, as in both reference codes),
 column sums per chunk, mean over the GQA group, times ‖v_j‖, avg-pooled with k = 3.
 Blend: s = z(attn) + λ·z(ℓ), z-scores over all heads and positions of a layer; λ = 0.3 (paper; insensitive in
@@ -37,10 +38,10 @@ def gaussian_sketch(d: int, k: int, seed: int, device=None) -> torch.Tensor:
 @dataclass
 class Compactor(Scorer):
     name: ClassVar[str] = "compactor"
-    # streaming: the chunked attention (every query) per layer inside the prefill, the leverage after it (its
-    # jitter escalation is shared by all layers, so it is not per layer)
+    # streaming: the chunked attention (every query) and the leverage (its pre-RoPE keys, regularised per layer)
+    # of each layer inside the prefill; only the z-scores and the blend run after it, so no pre-RoPE key is kept
     layerwise: ClassVar[bool] = True
-    stream_keeps_keys_pre: ClassVar[bool] = True
+    stream_keeps_keys_pre: ClassVar[bool] = False
     sketch_dim: int = 48
     rho: float = 1e-6
     chunk: int = 256
@@ -62,12 +63,18 @@ class Compactor(Scorer):
         return self._leverage(cap.keys_pre)
 
     def _leverage(self, keys_pre: torch.Tensor | None) -> torch.Tensor:
+        """(L, Hkv, M) leverage of ``keys_pre`` (L, Hkv, M, d), one layer at a time: each layer's keys are centred
+        and sketched alone, and its Cholesky jitter escalates for that layer only (a layer's scores never depend
+        on another's), so the transients are one layer's and the streaming path computes it inside the prefill."""
         if keys_pre is None:
             raise ValueError("Compactor needs the pre-RoPE keys (a capture taken with keep_keys_pre=True)")
-        x = keys_pre.float()  # (L, Hkv, N, d)
-        x = x - x.mean(dim=2, keepdim=True)
-        phi = gaussian_sketch(x.shape[-1], self.sketch_dim, self.seed, x.device)  # (d, k)
-        return kernels.leverage_scores(x, phi, self.rho)  # (L, Hkv, N)
+        phi = gaussian_sketch(keys_pre.shape[-1], self.sketch_dim, self.seed, keys_pre.device)  # (d, k)
+        out = []
+        for layer in keys_pre:  # (Hkv, M, d)
+            x = layer.float()
+            x = x - x.mean(dim=1, keepdim=True)
+            out.append(kernels.leverage_scores(x[None], phi, self.rho)[0])  # (Hkv, M)
+        return torch.stack(out) if out else keys_pre.new_zeros(keys_pre.shape[:3], dtype=torch.float32)
 
     def attention(self, cap: Capture) -> torch.Tensor:
         """(L, Hkv, N) chunked non-causal attention column sums (· ‖v‖, avg-pooled) over all N positions."""
@@ -83,29 +90,31 @@ class Compactor(Scorer):
         return pool1d(a, self.pool_kernel, "avg")
 
     def layer_statistics(self, cap: Capture, ctx: ScoreContext | None = None) -> torch.Tensor:
-        """(L, Hkv, N or M) the attention part: over all N positions, or the M unprotected ones when
-        ``exclude_protected`` (empty when none is left)."""
+        """(L, 2, Hkv, N or M): the attention part [:, 0] and the leverage [:, 1], over all N positions, or the M
+        unprotected ones when ``exclude_protected`` (empty when none is left). Both are per layer."""
         n = cap.num_tokens
         if not self.exclude_protected:
-            return self.attention(cap)
+            return torch.stack([self.attention(cap), self.leverage(cap)], dim=1)
         first, last = self.span(n)
         if cap.queries.shape[2] != n:
             raise ValueError("Compactor needs the queries of every position (capture without query_tail)")
         if n - first - last <= 0:
-            return cap.keys.new_zeros(cap.keys.shape[:2] + (0,), dtype=torch.float32)  # (L, Hkv, 0)
+            return cap.keys.new_zeros((cap.keys.shape[0], 2, cap.keys.shape[1], 0), dtype=torch.float32)
         mid = slice(first, n - last)  # the M = N − first − last unprotected positions
-        return self._attention(cap.queries[:, :, mid], cap.keys[:, :, mid], cap.values[:, :, mid], cap.group_size)
+        a = self._attention(cap.queries[:, :, mid], cap.keys[:, :, mid], cap.values[:, :, mid], cap.group_size)
+        kp = cap.keys_pre[:, :, mid] if cap.keys_pre is not None else None
+        return torch.stack([a, self._leverage(kp)], dim=1)  # (L, 2, Hkv, M)
 
-    def from_statistics(self, cap: Capture, a: torch.Tensor, ctx: ScoreContext | None = None) -> torch.Tensor:
+    def from_statistics(self, cap: Capture, stats: torch.Tensor, ctx: ScoreContext | None = None) -> torch.Tensor:
         n = cap.num_tokens
         first, last = self.span(n)
+        a, lev = stats[:, 0], stats[:, 1]  # (L, Hkv, N or M) each
         if not self.exclude_protected:
-            s = zscore(a, (1, 2)) + self.blend * zscore(self.leverage(cap), (1, 2))  # (L, Hkv, N)
+            s = zscore(a, (1, 2)) + self.blend * zscore(lev, (1, 2))  # (L, Hkv, N)
             return protect(s, first=first, last=last)
         if n - first - last <= 0:
             return torch.full(cap.keys.shape[:3], PROTECTED, device=cap.keys.device)
-        kp = cap.keys_pre[:, :, first:n - last] if cap.keys_pre is not None else None
-        s = zscore(a, (1, 2)) + self.blend * zscore(self._leverage(kp), (1, 2))  # (L, Hkv, M)
+        s = zscore(a, (1, 2)) + self.blend * zscore(lev, (1, 2))  # (L, Hkv, M)
         return F.pad(s, (first, last), value=PROTECTED)  # (L, Hkv, N)
 
     def score(self, cap: Capture, ctx: ScoreContext | None = None) -> torch.Tensor:

@@ -149,8 +149,9 @@ def test_segment_offsets_and_probe_packing():
     p1 = P.Probe(ids=torch.tensor([5, 6, 7, 8]), target_start=2)
     p2 = P.Probe(ids=torch.tensor([9, 10, 11]), target_start=1)
     packed = P.pack([p1, p2])
-    assert packed.ids.tolist() == [5, 6, 7, 8, 9, 10, 11]
-    assert packed.pred_index.tolist() == [1, 2, 4, 5] and packed.targets.tolist() == [7, 8, 10, 11]
+    assert packed.ids.tolist() == [5, 6, 7, 9, 10]  # each probe's last token is only a target: never fed
+    assert packed.segments.tolist() == [0, 0, 0, 1, 1]
+    assert packed.pred_index.tolist() == [1, 2, 3, 4] and packed.targets.tolist() == [7, 8, 10, 11]
     assert packed.owner.tolist() == [0, 0, 1, 1]
     with pytest.raises(KvcalibError):
         P.pack([P.Probe(ids=torch.tensor([1, 2]), target_start=2)])
