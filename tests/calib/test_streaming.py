@@ -122,3 +122,53 @@ def test_calibration_streams_by_default_with_the_reference_result(engine, method
     assert streamed.features.keys() == reference.features.keys()
     for k, v in reference.features.items():
         assert streamed.features[k] == pytest.approx(v, rel=1e-5, abs=1e-6), k
+
+
+def test_the_recorder_copies_layers_into_one_buffer_and_falls_back_to_stacking():
+    """Each layer is copied into one (L, H, N, d) buffer as the forward produces it, so the stacked capture never
+    exists beside a list of per-layer copies; the values equal ``torch.stack`` of the layers. A layer of another
+    shape turns the buffer off and the old stacking path answers with the same values."""
+    from kvcalib.calib.capture import PrefillRecorder
+
+    gen = torch.Generator().manual_seed(3)
+    n_layers, hq, hkv, n, d = 3, 6, 2, 11, 4
+    qs = [torch.randn(1, hq, n, d, generator=gen) for _ in range(n_layers)]
+    ks = [torch.randn(1, hkv, n, d, generator=gen) for _ in range(n_layers)]
+    vs = [torch.randn(1, hkv, n, d, generator=gen) for _ in range(n_layers)]
+    pre = [torch.randn(1, n, hkv * d, generator=gen) for _ in range(n_layers)]
+    rec = PrefillRecorder(n_layers, None, d)
+    for i in range(n_layers):
+        rec.record_key_source(i, pre[i])
+        rec.record(i, qs[i], ks[i], vs[i])
+        ks[i].zero_()  # the forward's own tensors may be reused or freed: the capture holds copies
+    keys = rec.stacked("keys")
+    assert all(rec.keys[i].data_ptr() == keys[i].data_ptr() for i in range(n_layers))  # views of ONE buffer
+    assert keys.is_contiguous() and keys.abs().sum() > 0
+    torch.testing.assert_close(rec.stacked("values"), torch.stack([v[0] for v in vs]))
+    torch.testing.assert_close(rec.stacked("queries"), torch.stack([q[0] for q in qs]))
+    want_pre = torch.stack([p.view(1, n, hkv, d)[0].transpose(0, 1) for p in pre])
+    torch.testing.assert_close(rec.stacked("keys_pre"), want_pre)
+
+    odd = PrefillRecorder(2, None, d)
+    a, b = torch.randn(1, hkv, n, d, generator=gen), torch.randn(1, hkv, n + 1, d, generator=gen)
+    for i, k in enumerate((a, b)):
+        odd.record_key_source(i, torch.randn(1, k.shape[2], hkv * d, generator=gen))
+        odd.record(i, torch.randn(1, hq, k.shape[2], d, generator=gen), k, k.clone())
+    with pytest.raises(RuntimeError):  # ragged layers cannot be stacked: the old path's error, not silent garbage
+        odd.stacked("keys")
+    assert torch.equal(odd.keys[0], a[0]) and torch.equal(odd.keys[1], b[0])
+
+
+def test_streaming_compactor_keeps_no_pre_rope_keys_and_matches_the_reference(engine, contexts):
+    """Compactor's leverage is per layer, so the streaming path computes it inside the prefill and keeps no pre-RoPE
+    key; its scores equal the reference capture's, whose leverage is computed layer by layer from the kept keys."""
+    ids = contexts[301]
+    scorer = get_scorer("compactor")
+    out = capture_and_score(engine.lm, ids, scorer)
+    assert out.capture.keys_pre is None and out.capture.queries.shape[2] < ids.numel()
+    ref = prefill(engine.lm, ids)
+    torch.testing.assert_close(out.scores, scorer.score(ref), atol=1e-5, rtol=1e-5)
+    lev = scorer.leverage(ref)  # (L, Hkv, N): each layer alone equals the whole-capture leverage of that layer
+    for layer in (0, ref.num_layers - 1):
+        one = scorer._leverage(ref.keys_pre[layer:layer + 1])[0]
+        torch.testing.assert_close(lev[layer], one)
