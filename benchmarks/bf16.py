@@ -1,13 +1,13 @@
 """bf16 against fp32 (issue 16, item 5): speed, memory, r* and passkey of the same model in both dtypes, the fp32
 engine being the baseline run in the same process.
 
-    python benchmarks/bf16.py [--lengths 1024 2048] [--repeats 2] [--passkey 10] [--threads N]
-                              [--out results/bf16.json]
+    python benchmarks/bf16.py [--lengths 1024 2048] [--repeats 2] [--passkey 10] [--passkey-tokens 1500]
+                              [--threads N] [--out results/bf16.json]
 
 Per length: the plain prefill (a forward that keeps its KV cache, last-position logits only) and the default
 calibration in each dtype, interleaved, medians of ``--repeats`` (wall and process CPU time); the bytes of the KV
-cache the prefill keeps; r* of the same document in both dtypes. Then ``--passkey`` passkey examples (1.5k tokens,
-seed 977, a seed no test uses) answered at the full cache and at ratio 0.5 (Compactor + AdaKV) in both dtypes:
+cache the prefill keeps; r* of the same document in both dtypes. Then ``--passkey`` passkey examples (1.5k tokens by
+default, seed 977, a seed no test uses) answered at the full cache and at ratio 0.5 (Compactor + AdaKV) in both dtypes:
 accuracy and agreement. On a CPU without native bf16 matrix units (no AVX-512 BF16 / AMX) bf16 matmuls are
 emulated and slower than fp32; the table says what this machine does.
 """
@@ -47,6 +47,7 @@ def main() -> None:
     ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048])
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--passkey", type=int, default=10, help="passkey examples (0: skip)")
+    ap.add_argument("--passkey-tokens", type=int, default=1500)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default="results/bf16.json")
@@ -104,7 +105,7 @@ def main() -> None:
     pk = None
     if args.passkey:
         tok = engines["fp32"].tokenizer
-        examples = passkey(tok, args.passkey, seed=977, n_tokens=1500)
+        examples = passkey(tok, args.passkey, seed=977, n_tokens=args.passkey_tokens)
         answers = {d: {"full": [], "0.5": []} for d in engines}
         for ex in examples:
             for d, eng in engines.items():
@@ -112,7 +113,7 @@ def main() -> None:
                     res = eng.run(ex.context, ex.question, method=config.method, allocator=config.allocator,
                                   budget=Budget(ratio=ratio), max_new_tokens=12)
                     answers[d][label].append(ex.answer in res.answer)
-        pk = {"n": len(examples), "seed": 977, "tokens": 1500,
+        pk = {"n": len(examples), "seed": 977, "tokens": args.passkey_tokens,
               "accuracy": {d: {k: sum(v) / len(v) for k, v in a.items()} for d, a in answers.items()},
               "agreement_at_0.5": sum(a == b for a, b in zip(answers["fp32"]["0.5"], answers["bf16"]["0.5"]))
               / len(examples)}

@@ -140,7 +140,7 @@ def calibrate_corpus(args, labels: Path) -> None:
     shard, n_shards = args.shard
     todo = todo[shard::n_shards]
     for d in tqdm(todo, desc="calibrate", unit="doc"):
-        append_label(labels, calibrate(eng, d.text, config, doc_id=d.id).to_dict())
+        append_label(labels, calibrate(eng, d.text, config, doc_id=d.id, full_curve=True).to_dict())
 
 
 def summarise(rows: list[dict], alpha: float, splits: int, seed: int, out_dir: Path) -> dict:

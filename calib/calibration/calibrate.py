@@ -169,7 +169,9 @@ def _check_allocator_params(allocator: str, params: dict) -> None:
 class CalibrationResult:
     config: CalibrationConfig
     context_tokens: int
-    ratios: list[float]  # the grid, ascending (ratio 0 — the full cache — is the implicit reference)
+    # the grid ratios evaluated, ascending (ratio 0 — the full cache — is the implicit reference): the whole grid, or
+    # (the default) every ratio up to the first whose fidelity < τ
+    ratios: list[float]
     fidelity: list[float]  # mean probe fidelity per ratio, in [0, 1]
     kl: list[float]  # mean next-token KL(full ‖ r) over the probe targets, per ratio
     r_star: float  # largest safe ratio at config.tolerance (interpolated between grid points)
@@ -309,7 +311,7 @@ def _prepare(engine: CalibrationEngine, text: str, config: CalibrationConfig, pr
 
 
 def _candidate_curve(engine: CalibrationEngine, cap: Capture, doc_start: int, keep: torch.Tensor,
-                     config: CalibrationConfig, user_probes, progress: Progress) -> Curve:
+                     config: CalibrationConfig, user_probes, progress: Progress, tau: float | None) -> Curve:
     """The curve of a fidelity candidate other than the reconstruction probes (``calib.calibration.fidelity``);
     the KL beside it is the next-token KL over the candidate's own probe targets (the ``kl`` candidate's: the
     reconstruction probes), so no second set of probes is fed."""
@@ -323,10 +325,11 @@ def _candidate_curve(engine: CalibrationEngine, cap: Capture, doc_start: int, ke
     t0 = time.perf_counter()
     curves = fidelity_curves(engine, cap, doc_start, keep, (config.fidelity,), n_probes=config.n_probes,
                              cue_tokens=config.cue_tokens, probe_tokens=config.probe_tokens, seed=config.seed,
-                             kl_of=config.fidelity)
+                             kl_of=config.fidelity, tau=tau)
     kl = [-math.log(max(f, 1e-300)) for f in curves["kl_of"]]
-    return Curve(ratios=list(config.ratios), fidelity=curves[config.fidelity], kl=kl, probe_fidelity=[], nll_full=[],
-                 nll=[], kept_fraction=[float(x) for x in keep[1:].flatten(1).float().mean(1)],
+    fid = curves[config.fidelity]  # every grid ratio, or those up to the first below τ
+    return Curve(ratios=list(config.ratios)[:len(fid)], fidelity=fid, kl=kl, probe_fidelity=[], nll_full=[],
+                 nll=[], kept_fraction=[float(x) for x in keep[1:1 + len(fid)].flatten(1).float().mean(1)],
                  seconds=time.perf_counter() - t0)
 
 
@@ -362,9 +365,15 @@ def featurize(engine: CalibrationEngine, text: str,
 
 def calibrate(engine: CalibrationEngine, text: str, config: CalibrationConfig | None = None,
               progress: Progress | None = None, user_probes: list[tuple[str, str]] | None = None,
-              doc_id: str | None = None, controller: RatioPredictor | None = None) -> CalibrationResult:
+              doc_id: str | None = None, controller: RatioPredictor | None = None,
+              full_curve: bool = False) -> CalibrationResult:
     """The quality curve of ``text`` over ``config.ratios`` (default ``CalibrationConfig()``) and its largest safe
     ratio r*(τ), from one prefill.
+
+    The curve ends at its first ratio whose fidelity falls below τ: the probe rows are fed in ascending steps and
+    the rows above the step holding that ratio are never fed (``curve.row_steps``) — r*(τ) reads the curve only up
+    to there, so it is the same as with every row, for fewer probe forwards. ``full_curve``: evaluate every grid
+    ratio (what labels for curve-fitting predictors need: ``kvcalib calibrate CORPUS``).
 
     ``controller``: a risk controller over r* (``calib.predictors.risk.full_controller``: fitted on task truth for
     this fidelity and τ) turns r* into the ratio to apply, ``result.ratio`` — the largest grid ratio ≤ r* − λ̂, with
@@ -377,7 +386,8 @@ def calibrate(engine: CalibrationEngine, text: str, config: CalibrationConfig | 
     t_start = time.perf_counter()
     cap, doc_start, scores, keep, feats, timings = _prepare(engine, text, config, progress)
     if config.fidelity != "reconstruction":
-        curve = _candidate_curve(engine, cap, doc_start, keep, config, user_probes, progress)
+        curve = _candidate_curve(engine, cap, doc_start, keep, config, user_probes, progress,
+                                 None if full_curve else float(config.tolerance))
         timings["probes_s"] = curve.seconds
     else:
         probes = _probes(engine, cap, doc_start, config)
@@ -388,7 +398,7 @@ def calibrate(engine: CalibrationEngine, text: str, config: CalibrationConfig | 
         progress(0.6, f"probing {len(probes)} probes at {len(config.ratios)} ratios")
         t0 = time.perf_counter()
         curve = one_pass_curve(engine.lm, cap.keys, cap.values, scores, probes, config.ratios, config.allocator,
-                               keep=keep)
+                               keep=keep, tau=None if full_curve else float(config.tolerance))
         timings["probes_s"] = time.perf_counter() - t0
     progress(0.95, "largest safe ratio")
     r_star, r_grid, monotone = largest_safe_ratio(curve.ratios, curve.fidelity, config.tolerance)

@@ -50,6 +50,25 @@ class Curve:
     seconds: float = 0.0
 
 
+FIRST_STEP, STEP = 4, 3  # rows of the first forward (the reference + 3 ratios) and of each later one (``row_steps``)
+
+
+def row_steps(n_rows: int, until: bool) -> list[tuple[int, int]]:
+    """(start, stop) slices of the keep-mask rows fed per forward: all at once, or — ``until`` the curve falls below
+    τ — the reference and the three smallest ratios first, then three ratios at a time in ascending order, so a
+    calibration stops after the forward holding its first failing ratio."""
+    if not until:
+        return [(0, n_rows)]
+    edges = [0, *range(min(FIRST_STEP, n_rows), n_rows, STEP), n_rows]
+    return [(a, b) for a, b in zip(edges, edges[1:]) if b > a]
+
+
+def below(fidelity, tau: float | None) -> bool:
+    """True once some ratio's fidelity fell below ``tau`` (r*(τ) is then fixed: ``largest_safe_ratio`` reads the
+    curve only up to its first failing ratio)."""
+    return tau is not None and any(float(f) < tau for f in fidelity)
+
+
 def keep_masks(scores: torch.Tensor, ratios, allocator: str = ALLOCATOR, full_row: bool = True,
                **alloc_params) -> torch.Tensor:
     """(R [+1], L, Hkv, N) keep masks: an all-True reference row first (``full_row``), then one per ratio."""
@@ -114,33 +133,42 @@ def _rows_stats(head, hidden: torch.Tensor, packed: PackedProbes, ref_logp: torc
 
 @torch.no_grad()
 def evaluate_rows(lm: LanguageModel, keys: torch.Tensor, values: torch.Tensor, keep: torch.Tensor, probes: list[Probe],
-                  max_rows: int | None = None, logits_budget: int = 2**25) -> tuple[torch.Tensor, torch.Tensor]:
-    """Probe NLL (B, K) and KL vs row 0 (B,) for every keep-mask row of ``keep`` (B, L, Hkv, N); row 0 is the
+                  max_rows: int | None = None, logits_budget: int = 2**25,
+                  tau: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Probe NLL (B', K) and KL vs row 0 (B',) for the keep-mask rows of ``keep`` (B, L, Hkv, N); row 0 is the
     reference. Rows are fed ``max_rows`` at a time (all at once by default); the LM head and log-softmax are
-    applied to as many rows at once as fit in ``logits_budget`` floats."""
+    applied to as many rows at once as fit in ``logits_budget`` floats. ``tau``: rows are fed in ascending steps
+    (``row_steps``) and evaluation stops after the step where the mean fidelity of a row falls below τ (B' ≤ B
+    rows: every row up to the first failing one, which is all r*(τ) reads)."""
     packed = pack(probes)
     head = lm.model.get_output_embeddings()
     n_rows = keep.shape[0]
-    step = max_rows or n_rows
     vocab = head.weight.shape[0]
     per = max(1, logits_budget // max(1, packed.targets.numel() * vocab))
     nlls, kls = [], []
     ref_logp = None
-    for s in range(0, n_rows, step):
-        cache = RaggedKVCache.masked(keys, values, keep[s:s + step])
+    steps = [(a, min(a + max_rows, b)) for a0, b in row_steps(n_rows, tau is not None)
+             for a in range(a0, b, max_rows)] if max_rows else row_steps(n_rows, tau is not None)
+    for s, e in steps:
+        cache = RaggedKVCache.masked(keys, values, keep[s:e])
         hidden = packed_hidden(lm, cache, packed)  # (b, M, h)
         del cache
         for i in range(0, hidden.shape[0], per):
             nll, kl, ref_logp = _rows_stats(head, hidden[i:i + per], packed, ref_logp)
             nlls.append(nll)
             kls.append(kl)
+        nll_so_far = torch.cat(nlls)
+        if below(fidelity_from_nll(nll_so_far[:1], nll_so_far[1:]).mean(1), tau):
+            break
     return torch.cat(nlls), torch.cat(kls)
 
 
 def _curve_from_rows(ratios, nll: torch.Tensor, kl: torch.Tensor, keep: torch.Tensor, seconds: float) -> Curve:
+    """The curve of the evaluated rows (``nll`` (B', K): the reference and the first B' − 1 ratios)."""
     nll_full = nll[0]
-    g = fidelity_from_nll(nll_full.unsqueeze(0), nll[1:])  # (R, K)
-    kept = keep[1:].flatten(1).float().mean(1)
+    g = fidelity_from_nll(nll_full.unsqueeze(0), nll[1:])  # (R', K)
+    kept = keep[1:nll.shape[0]].flatten(1).float().mean(1)
+    ratios = list(ratios)[:nll.shape[0] - 1]
     return Curve(ratios=[float(r) for r in ratios], fidelity=[float(x) for x in g.mean(1)],
                  kl=[float(x) for x in kl[1:]], probe_fidelity=g.tolist(), nll_full=nll_full.tolist(),
                  nll=nll[1:].tolist(), kept_fraction=[float(x) for x in kept], seconds=seconds)
@@ -148,15 +176,16 @@ def _curve_from_rows(ratios, nll: torch.Tensor, kl: torch.Tensor, keep: torch.Te
 
 def one_pass_curve(lm: LanguageModel, keys: torch.Tensor, values: torch.Tensor, scores: torch.Tensor,
                    probes: list[Probe], ratios=RATIOS, allocator: str = ALLOCATOR, max_rows: int | None = None,
-                   keep: torch.Tensor | None = None, **alloc_params) -> Curve:
+                   keep: torch.Tensor | None = None, tau: float | None = None, **alloc_params) -> Curve:
     """The fidelity/KL curve over ``ratios`` from captured full ``keys``/``values`` (L, Hkv, N, d) and ``scores``
     (L, Hkv, N), all ratios batched as rows of one masked cache, all probes packed into one sequence.
-    ``keep`` (R + 1, L, Hkv, N) may be passed when the masks were already built (``keep_masks``)."""
+    ``keep`` (R + 1, L, Hkv, N) may be passed when the masks were already built (``keep_masks``). ``tau``: the
+    curve ends at its first ratio with fidelity < τ (``evaluate_rows``): the same r*(τ) for fewer rows."""
     t0 = time.perf_counter()
     ratios = sorted(float(r) for r in ratios)
     if keep is None:
         keep = keep_masks(scores, ratios, allocator, **alloc_params)
-    nll, kl = evaluate_rows(lm, keys, values, keep, probes, max_rows=max_rows)
+    nll, kl = evaluate_rows(lm, keys, values, keep, probes, max_rows=max_rows, tau=tau)
     return _curve_from_rows(ratios, nll, kl, keep, time.perf_counter() - t0)
 
 

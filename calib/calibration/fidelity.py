@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 
 from kvcalib.calib.cache.ragged import RaggedKVCache
 from kvcalib.calib.calibration.answers import decode_rows
-from kvcalib.calib.calibration.curve import packed_hidden
+from kvcalib.calib.calibration.curve import below, packed_hidden, row_steps
 from kvcalib.calib.calibration.probes import EDGE_MARGIN, Probe, fidelity_from_nll, pack, reconstruction_probes
 
 FIDELITIES = ("reconstruction", "kl", "salient", "keytoken", "self_answer", "self_prob")
@@ -56,17 +57,21 @@ class ProbeStats:
 
 @torch.no_grad()
 def probe_stats(lm, keys: torch.Tensor, values: torch.Tensor, keep: torch.Tensor, probes: list[Probe],
-                max_rows: int | None = None) -> ProbeStats:
-    """One packed forward of ``probes`` under every row of ``keep`` (B, L, Hkv, N; row 0 = the reference)."""
+                max_rows: int | None = None, until: Callable[[ProbeStats], bool] | None = None) -> ProbeStats:
+    """One packed forward of ``probes`` under every row of ``keep`` (B, L, Hkv, N; row 0 = the reference).
+    ``until``: rows are fed in ascending steps (``curve.row_steps``) and evaluation stops after the first step whose
+    statistics so far make ``until`` true (the stats then hold the rows evaluated)."""
     packed = pack(probes)
     head = lm.model.get_output_embeddings()
     k = packed.n_probes
     owner, tgt = packed.owner, packed.targets
     counts = torch.bincount(owner, minlength=k).double()
     nll, kl, prefix, ref = [], [], [], None
-    step = max_rows or keep.shape[0]
-    for s in range(0, keep.shape[0], step):
-        cache = RaggedKVCache.masked(keys, values, keep[s:s + step])
+    steps = row_steps(keep.shape[0], until is not None)
+    if max_rows:
+        steps = [(a, min(a + max_rows, b)) for a0, b in steps for a in range(a0, b, max_rows)]
+    for s, e in steps:
+        cache = RaggedKVCache.masked(keys, values, keep[s:e])
         hidden = packed_hidden(lm, cache, packed)  # (b, M, h)
         del cache
         for row in hidden:
@@ -82,6 +87,9 @@ def probe_stats(lm, keys: torch.Tensor, values: torch.Tensor, keep: torch.Tensor
             for j in range(k):
                 pre[j] = agree[owner == j].cumprod(0).sum().double() / counts[j]
             prefix.append(pre)
+        if until is not None and until(ProbeStats(nll=torch.stack(nll), kl=torch.stack(kl),
+                                                  prefix=torch.stack(prefix))):
+            break
     return ProbeStats(nll=torch.stack(nll), kl=torch.stack(kl), prefix=torch.stack(prefix))
 
 
@@ -186,6 +194,20 @@ def _nll_fidelity(stats: ProbeStats, sel: list[int]) -> list[float]:
     return fidelity_from_nll(stats.nll[0, sel].unsqueeze(0), stats.nll[1:, sel]).mean(1).tolist()
 
 
+def _curve(name: str, stats: ProbeStats, where: dict[str, list[int]]) -> list[float]:
+    """Candidate ``name``'s fidelity at every evaluated grid row of ``stats`` (row 0, the reference, excluded)."""
+    if name == "reconstruction":
+        return _nll_fidelity(stats, where["recon"])
+    if name == "kl":
+        return torch.exp(-stats.kl[1:, where["recon"]].mean(1)).tolist()
+    if name in ("salient", "keytoken"):
+        return _nll_fidelity(stats, where[name])
+    if name == "self_answer":
+        return stats.prefix[1:, where["self"]].mean(1).tolist()
+    d = stats.nll[0, where["self"]].unsqueeze(0) - stats.nll[1:, where["self"]]  # self_prob
+    return torch.exp(d).clamp(max=1.0).mean(1).tolist()
+
+
 PROBE_GROUPS = {"reconstruction": "recon", "kl": "recon", "salient": "salient", "keytoken": "keytoken",
                 "self_answer": "self", "self_prob": "self"}  # the probes each candidate reads
 
@@ -193,12 +215,13 @@ PROBE_GROUPS = {"reconstruction": "recon", "kl": "recon", "salient": "salient", 
 def fidelity_curves(engine, cap, doc_start: int, keep: torch.Tensor, names=FIDELITIES, *, n_probes: int = 6,
                     cue_tokens: int = 4, probe_tokens: int = 6, seed: int = 0,
                     avoid: list[tuple[int, int]] | None = None,
-                    kl_of: str | None = None) -> dict[str, list[float]]:
+                    kl_of: str | None = None, tau: float | None = None) -> dict[str, list[float]]:
     """The fidelity curve (one value per grid row of ``keep[1:]``) of every candidate in ``names``. ``cap`` must
     hold the per-token NLL (stride 1) for ``keytoken``. ``kl_of``: also return ``"kl_of"``, the next-token KL
     curve exp(−mean KL(full ‖ r)) over the target positions of that candidate's own probes — what a calibration
     reports beside its fidelity without a second set of probes (the ``kl`` candidate reads the reconstruction
-    probes)."""
+    probes). ``tau`` (one candidate in ``names``): the curves end at that candidate's first ratio with fidelity
+    < τ — the rows above it are never fed (``probe_stats(until=…)``); r*(τ) reads nothing beyond it."""
     unknown = sorted(set(names) - set(FIDELITIES)) + ([kl_of] if kl_of is not None and kl_of not in FIDELITIES
                                                       else [])
     if unknown:
@@ -242,20 +265,17 @@ def fidelity_curves(engine, cap, doc_start: int, keep: torch.Tensor, names=FIDEL
     for g, ps in groups.items():
         where[g] = list(range(len(probes), len(probes) + len(ps)))
         probes += ps
-    stats = probe_stats(engine.lm, cap.keys, cap.values, keep, probes)
-    out: dict[str, list[float]] = {}
-    for name in names:
-        if name == "reconstruction":
-            out[name] = _nll_fidelity(stats, where["recon"])
-        elif name == "kl":
-            out[name] = torch.exp(-stats.kl[1:, where["recon"]].mean(1)).tolist()
-        elif name in ("salient", "keytoken"):
-            out[name] = _nll_fidelity(stats, where[name])
-        elif name == "self_answer":
-            out[name] = stats.prefix[1:, where["self"]].mean(1).tolist()
-        elif name == "self_prob":
-            d = stats.nll[0, where["self"]].unsqueeze(0) - stats.nll[1:, where["self"]]
-            out[name] = torch.exp(d).clamp(max=1.0).mean(1).tolist()
+    until = None
+    if tau is not None:
+        if len(names) != 1:
+            raise ValueError(f"tau stops the curve of one candidate, got {list(names)}")
+        (name,) = names
+
+        def until(st: ProbeStats) -> bool:
+            return below(_curve(name, st, where), tau)
+
+    stats = probe_stats(engine.lm, cap.keys, cap.values, keep, probes, until=until)
+    out: dict[str, list[float]] = {name: _curve(name, stats, where) for name in names}
     if kl_of:
         out["kl_of"] = torch.exp(-stats.kl[1:, where[PROBE_GROUPS[kl_of]]].mean(1)).tolist()
     return out

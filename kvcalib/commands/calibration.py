@@ -116,7 +116,8 @@ def calibrate_cmd(
         def progress(frac: float, msg: str, d=d) -> None:
             bar.set_postfix_str(f"{d.id}: {msg}", refresh=True)
 
-        res = calibrate(eng, d.text, config, progress=progress, doc_id=d.id, controller=ctrl)
+        res = calibrate(eng, d.text, config, progress=progress, doc_id=d.id, controller=ctrl,
+                        full_curve=True)  # labels: curve-fitting predictors read the whole grid
         append_label(out, res.to_dict())
         stars.append(res.r_star)
         served.append(res.ratio)

@@ -356,3 +356,37 @@ def test_predict_featurize_and_budgets(engine, short_text, scored):
     assert pred.predictor_version.startswith("constant-") and pred.features["n_tokens"] == ids.numel()
     with pytest.raises(KvcalibError, match="empty"):
         calibrate(engine, "   ", cfg)
+
+
+@pytest.mark.parametrize("fidelity", ["reconstruction", "salient"])
+def test_the_curve_stops_at_its_first_failing_ratio_with_the_same_r_star(engine, short_text, monkeypatch, fidelity):
+    """By default the probe rows are fed in ascending steps and stop after the step holding the first ratio whose
+    fidelity < τ: r*, the budgets and the values of the evaluated ratios equal those of the whole grid, the curve is
+    a prefix of it ending there, and fewer rows are fed. ``full_curve=True`` evaluates every ratio."""
+    from kvcalib.calib.calibration import curve as CV
+
+    fed = []
+    real = CV.packed_hidden
+
+    def counting(lm, cache, packed):
+        fed.append(cache.batch_size)
+        return real(lm, cache, packed)
+
+    for mod in ("kvcalib.calib.calibration.curve", "kvcalib.calib.calibration.fidelity"):
+        monkeypatch.setattr(f"{mod}.packed_hidden", counting)
+    ratios = tuple(round(0.1 * i, 1) for i in range(1, 10))
+    cfg = CalibrationConfig(ratios=ratios, n_probes=3, allocator="uniform", fidelity=fidelity, tolerance=0.97)
+    full = calibrate(engine, short_text, cfg, full_curve=True)
+    rows_full, fed[:] = sum(fed), []
+    short = calibrate(engine, short_text, cfg)
+    rows_short = sum(fed)
+    first_fail = next((i for i, f in enumerate(full.fidelity) if f < cfg.tolerance), None)
+    assert first_fail is not None and first_fail < 6, full.fidelity  # this document fails early at τ = 0.97
+    k = len(short.fidelity)
+    assert first_fail < k <= first_fail + CV.STEP and short.ratios == list(ratios[:k])
+    assert short.fidelity == pytest.approx(full.fidelity[:k], abs=1e-6)
+    assert short.kl == pytest.approx(full.kl[:k], abs=1e-6)
+    assert short.r_star == pytest.approx(full.r_star) and short.r_star_grid == full.r_star_grid
+    assert short.head_budgets == full.head_budgets
+    assert rows_full == len(ratios) + 1 and rows_short == k + 1 < rows_full
+    assert CV.row_steps(11, True) == [(0, 4), (4, 7), (7, 10), (10, 11)] and CV.row_steps(11, False) == [(0, 11)]
