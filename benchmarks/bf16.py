@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -25,12 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py beside it, also under -m
 from common import write_report  # noqa: E402
 from memory import document  # noqa: E402
-
-
-def timed(fn) -> tuple[float, float, object]:
-    w0, c0 = time.perf_counter(), time.process_time()
-    out = fn()
-    return time.perf_counter() - w0, time.process_time() - c0, out
+from scaling import timed  # noqa: E402
 
 
 def cpu_flags() -> list[str]:
@@ -111,7 +105,7 @@ def main() -> None:
             for d, eng in engines.items():
                 for label, ratio in (("full", 0.0), ("0.5", 0.5)):
                     res = eng.run(ex.context, ex.question, method=config.method, allocator=config.allocator,
-                                  budget=Budget(ratio=ratio), max_new_tokens=12)
+                                  budget=Budget(ratio=ratio), max_new_tokens=24)
                     answers[d][label].append(ex.answer in res.answer)
         pk = {"n": len(examples), "seed": 977, "tokens": args.passkey_tokens,
               "accuracy": {d: {k: sum(v) / len(v) for k, v in a.items()} for d, a in answers.items()},

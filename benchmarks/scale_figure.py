@@ -15,6 +15,8 @@ import argparse
 import json
 from pathlib import Path
 
+STAGE_LABELS = {"prefill_s": "capture prefill + NLL", "score_s": "scoring", "features_s": "features",
+                "probes_s": "probe forward"}
 STAGES = {"prefill": "plain prefill (keeps its cache)", "calibrate": "calibrate (streaming)",
           "calibrate_reference": "calibrate (reference path)", "predict": "predict (featurize)"}
 
@@ -56,7 +58,7 @@ def main() -> None:
     names = sorted({k for r in rows for k in r["calibration"]["stages"]})
     for k in names:
         b.plot(xs, [r["calibration"]["stages"].get(k, 0.0) / r["prefill_s"] for r in rows], ".--",
-               label=f"{k.removesuffix('_s')} ÷ prefill")
+               label=f"{STAGE_LABELS.get(k, k)} ÷ prefill")
     b.axhline(1.5, color="grey", ls=":", lw=1, label="target 1.5")
     b.set_xscale("log", base=2)
     b.set_xlabel("context tokens")

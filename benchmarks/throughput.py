@@ -13,8 +13,8 @@ calibrate) so a load change on a shared machine hits all three alike.
 Batching: ``--pairs K`` also times K pairs of documents of similar length (neighbours by length, both cut to the
 shorter) fed as ONE batch-2 forward against the two forwards one after the other, in the same process. Whether
 batching documents would raise a worker's throughput is that ratio: on CPU a batched forward costs about the sum of
-its rows (no idle units to fill), so calibration does not batch documents; on a GPU it would (not measured: no GPU
-was lent).
+its rows (no idle units to fill; 0.97 measured on the 2-core development machine), so calibration does not batch
+documents; on a GPU it would (not measured: no GPU was lent).
 """
 
 from __future__ import annotations

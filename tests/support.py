@@ -217,6 +217,21 @@ def wait_for(predicate, timeout: float, interval: float = 0.25, what: str = "con
     raise TimeoutError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
 
 
+def finished_full_calibration(client, text: str, timeout: float = 300, **body) -> dict:
+    """``POST /calibrate`` ``mode=full`` of ``text`` (further body fields in ``body``, e.g. ``options``) through a
+    test client, waited for; asserts it succeeded and returns the job."""
+    r = client.post("/calibrate", json={"mode": "full", "text": text, **body})
+    assert r.status_code in (200, 202), r.text
+
+    def done():
+        j = client.get(f"/jobs/{r.json()['id']}").json()
+        return j if j["status"] in ("succeeded", "failed") else None
+
+    job = wait_for(done, timeout, 0.3, "calibration job")
+    assert job["status"] == "succeeded", job
+    return job
+
+
 def equal_length_documents(engine, n: int, tokens: int) -> list[str]:
     """``n`` distinct documents cut from the essays whose cached context (chat header + document, as calibrated and
     compressed) is exactly ``tokens`` tokens long: concurrent calls on them cannot differ by shape, only by data."""

@@ -9,7 +9,13 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.support import FAST_OPTIONS, isolated_settings, shipped_predictors, short_documents, wait_for
+from tests.support import (
+    FAST_OPTIONS,
+    finished_full_calibration,
+    isolated_settings,
+    shipped_predictors,
+    short_documents,
+)
 
 pytestmark = pytest.mark.slow
 MODEL = "smollm2-135m"
@@ -33,16 +39,7 @@ def api(tmp_path_factory, engine):
 
 def calibrated(client, text: str, **extra) -> dict:
     """The job of a full calibration of ``text``, finished."""
-    r = client.post("/calibrate", json={"mode": "full", "text": text, "options": FAST_OPTIONS, **extra})
-    assert r.status_code in (200, 202), r.text
-
-    def done():
-        j = client.get(f"/jobs/{r.json()['id']}").json()
-        return j if j["status"] in ("succeeded", "failed") else None
-
-    job = wait_for(done, 300, 0.3, "calibration job")
-    assert job["status"] == "succeeded", job
-    return job
+    return finished_full_calibration(client, text, options=FAST_OPTIONS, **extra)
 
 
 def decoded(budget: dict):

@@ -10,7 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
-from tests.support import isolated_settings, short_documents, wait_for
+from tests.support import finished_full_calibration, isolated_settings, short_documents
 
 pytestmark = pytest.mark.slow
 
@@ -87,15 +87,7 @@ def test_full_mode_profiles_serve_the_risk_controlled_ratio(tmp_path, tokenizer)
     docs = short_documents(tokenizer, 2, 500, 700)
     with TestClient(create_app(isolated_settings(tmp_path))) as c:
         def full(text):
-            r = c.post("/calibrate", json={"mode": "full", "text": text})
-            assert r.status_code in (200, 202), r.text
-
-            def done():
-                j = c.get(f"/jobs/{r.json()['id']}").json()
-                return j if j["status"] in ("succeeded", "failed") else None
-
-            job = wait_for(done, 300, 0.3, "calibration job")
-            assert job["status"] == "succeeded", job
+            job = finished_full_calibration(c, text)
             return c.get(f"/profiles/{job['result']['profile_id']}").json(), job
 
         prof, job = full(docs[0])
