@@ -53,14 +53,19 @@ class Curve:
 FIRST_STEP, STEP = 4, 3  # rows of the first forward (the reference + 3 ratios) and of each later one (``row_steps``)
 
 
-def row_steps(n_rows: int, until: bool) -> list[tuple[int, int]]:
+def row_steps(n_rows: int, until: bool, max_rows: int | None = None) -> list[tuple[int, int]]:
     """(start, stop) slices of the keep-mask rows fed per forward: all at once, or — ``until`` the curve falls below
     τ — the reference and the three smallest ratios first, then three ratios at a time in ascending order, so a
-    calibration stops after the forward holding its first failing ratio."""
+    calibration stops after the forward holding its first failing ratio. ``max_rows`` splits every step further
+    (bounded memory)."""
     if not until:
-        return [(0, n_rows)]
-    edges = [0, *range(min(FIRST_STEP, n_rows), n_rows, STEP), n_rows]
-    return [(a, b) for a, b in zip(edges, edges[1:]) if b > a]
+        steps = [(0, n_rows)]
+    else:
+        edges = [0, *range(min(FIRST_STEP, n_rows), n_rows, STEP), n_rows]
+        steps = [(a, b) for a, b in zip(edges, edges[1:]) if b > a]
+    if max_rows:
+        steps = [(a, min(a + max_rows, b)) for a0, b in steps for a in range(a0, b, max_rows)]
+    return steps
 
 
 def below(fidelity, tau: float | None) -> bool:
@@ -147,9 +152,7 @@ def evaluate_rows(lm: LanguageModel, keys: torch.Tensor, values: torch.Tensor, k
     per = max(1, logits_budget // max(1, packed.targets.numel() * vocab))
     nlls, kls = [], []
     ref_logp = None
-    steps = [(a, min(a + max_rows, b)) for a0, b in row_steps(n_rows, tau is not None)
-             for a in range(a0, b, max_rows)] if max_rows else row_steps(n_rows, tau is not None)
-    for s, e in steps:
+    for s, e in row_steps(n_rows, tau is not None, max_rows):
         cache = RaggedKVCache.masked(keys, values, keep[s:e])
         hidden = packed_hidden(lm, cache, packed)  # (b, M, h)
         del cache
@@ -157,9 +160,10 @@ def evaluate_rows(lm: LanguageModel, keys: torch.Tensor, values: torch.Tensor, k
             nll, kl, ref_logp = _rows_stats(head, hidden[i:i + per], packed, ref_logp)
             nlls.append(nll)
             kls.append(kl)
-        nll_so_far = torch.cat(nlls)
-        if below(fidelity_from_nll(nll_so_far[:1], nll_so_far[1:]).mean(1), tau):
-            break
+        if tau is not None:
+            nll_so_far = torch.cat(nlls)
+            if below(fidelity_from_nll(nll_so_far[:1], nll_so_far[1:]).mean(1), tau):
+                break
     return torch.cat(nlls), torch.cat(kls)
 
 

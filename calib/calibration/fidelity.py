@@ -67,10 +67,7 @@ def probe_stats(lm, keys: torch.Tensor, values: torch.Tensor, keep: torch.Tensor
     owner, tgt = packed.owner, packed.targets
     counts = torch.bincount(owner, minlength=k).double()
     nll, kl, prefix, ref = [], [], [], None
-    steps = row_steps(keep.shape[0], until is not None)
-    if max_rows:
-        steps = [(a, min(a + max_rows, b)) for a0, b in steps for a in range(a0, b, max_rows)]
-    for s, e in steps:
+    for s, e in row_steps(keep.shape[0], until is not None, max_rows):
         cache = RaggedKVCache.masked(keys, values, keep[s:e])
         hidden = packed_hidden(lm, cache, packed)  # (b, M, h)
         del cache
