@@ -216,16 +216,7 @@ class Predictors:
             if key in self._broken:
                 return None
         try:
-            if row.artefact is not None:
-                pred = parse_predictor(json.loads(row.artefact.decode("utf-8")))
-            elif row.artefact_path:
-                from kvcalib.calib.predictors import load_predictor
-
-                pred = load_predictor(row.artefact_path)
-            else:
-                raise ValueError("no artefact stored")
-            if pred.version != row.version:  # the folder was fitted again since: not the predictor recorded
-                raise ValueError(f"its artefact now holds predictor {pred.version}")
+            pred = row_predictor(row)
         except Exception:  # noqa: BLE001 - a stale row (file moved, format changed) must not break predictions
             log.warning("stored predictor %s cannot be loaded; skipped", row.version, exc_info=True)
             with self._lock:
@@ -263,14 +254,6 @@ class Predictors:
             log.warning("the predictor shipped for %s cannot be loaded", model, exc_info=True)
             return None
         return Choice(pred, "shipped", name=name, artefact_path=str(folder) if folder else None, model=model)
-
-    def controller(self, model: str, config: CalibrationConfig) -> Choice | None:
-        """The risk controller a ``mode=full`` calibration of ``model`` with ``config`` applies
-        (``controller_for``); a shipped one is recorded in the ``predictors`` table the first time it serves."""
-        choice = controller_for(self.db, model, config)
-        if choice is not None and choice.source == "shipped":
-            self._record(choice)
-        return choice
 
     def fallback(self, p: CalibrationParams) -> FallbackPredictor:
         """No (fitting) trained predictor: the median r* of the stored profiles of the same model, method,
@@ -450,6 +433,23 @@ class user_params_errors:
         return False
 
 
+def row_predictor(row: PredictorRow) -> RatioPredictor:
+    """The predictor a ``predictors`` row stores: its JSON (``artefact``, registered through the API) or its file or
+    folder (``artefact_path``). Raises when it cannot be loaded, or when the artefact now holds another version (the
+    folder was fitted again since)."""
+    if row.artefact is not None:
+        pred = parse_predictor(json.loads(row.artefact.decode("utf-8")))
+    elif row.artefact_path:
+        from kvcalib.calib.predictors import load_predictor
+
+        pred = load_predictor(row.artefact_path)
+    else:
+        raise ValueError("no artefact stored")
+    if pred.version != row.version:
+        raise ValueError(f"its artefact now holds predictor {pred.version}")
+    return pred
+
+
 def controller_for(db: Database, model: str, config: CalibrationConfig) -> Choice | None:
     """The risk controller over r* that a ``mode=full`` calibration of ``model`` with ``config`` applies
     (``calibrate(..., controller=…)``: the profile serves ⌊r* − λ̂⌋_grid, expected answer loss ≤ ε): the newest
@@ -460,23 +460,18 @@ def controller_for(db: Database, model: str, config: CalibrationConfig) -> Choic
     from kvcalib.calib.predictors import bundled
 
     with db.session() as s:
-        rows = [r for r in repo.predictor_candidates(s, model=model) if is_controller(r.training_config or {})]
-        blobs = [(r.version, r.artefact, r.artefact_path, r.model) for r in rows]
-    for version, artefact, path, bound in blobs:
-        try:
-            if artefact is not None:
-                pred = parse_predictor(json.loads(artefact.decode("utf-8")))
-            else:
-                from kvcalib.calib.predictors import load_predictor
-
-                pred = load_predictor(path)
-            check_controller(pred, config)
-        except CalibrationError:
-            continue
-        except Exception:  # noqa: BLE001 - a stale row must not fail a calibration
-            log.warning("stored predictor %s cannot be loaded; skipped", version, exc_info=True)
-            continue
-        return Choice(pred, "registered", artefact_path=path, model=bound)
+        for row in repo.predictor_candidates(s, model=model):
+            if not is_controller(row.training_config or {}):
+                continue
+            try:
+                pred = row_predictor(row)
+                check_controller(pred, config)
+            except CalibrationError:
+                continue
+            except Exception:  # noqa: BLE001 - a stale row must not fail a calibration
+                log.warning("stored predictor %s cannot be loaded; skipped", row.version, exc_info=True)
+                continue
+            return Choice(pred, "registered", artefact_path=row.artefact_path, model=row.model)
     try:
         pred = bundled.full_controller(model, config)
     except Exception:  # noqa: BLE001 - a broken package file: serve r*, say why in the log
