@@ -10,6 +10,8 @@ genre, evaluate on another (held out), check passkey at the recommended ratios.
         --out results/truth/metadata.jsonl
     # 2. the fidelity candidates against the truth (rank correlation with r*_task, reduction at ε)
     python benchmarks/calibration_truth.py compare results/truth/essays_small.jsonl
+    # 2b. which (method, allocator) keeps the most answers (same documents, one label file per configuration)
+    python benchmarks/calibration_truth.py engines results/truth/compactor-adakv.jsonl results/truth/snapkv-adakv.jsonl
     # 3. fit on essays (train + calibration split), test on the held-out genre
     python benchmarks/calibration_truth.py evaluate --fit results/truth/essays.jsonl \\
         --test results/truth/metadata.jsonl --epsilon 0.05 --out results/calibration_truth.json
@@ -42,7 +44,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py beside it, also under -m
-from calibration_truth_analysis import compare_fidelities, evaluate_full, evaluate_split, passkey_check  # noqa: E402
+from calibration_truth_analysis import compare_engines, compare_fidelities, evaluate_full, evaluate_split, passkey_check  # noqa: E402
 from common import write_report  # noqa: E402
 
 
@@ -96,6 +98,17 @@ def documents(tokenizer, genre: str, n_docs: int, min_tokens: int, max_tokens: i
     return pieces[:n_docs]
 
 
+def _shard(text: str) -> tuple[int, int]:
+    """``I/N`` -> (I, N) with 0 <= I < N."""
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise SystemExit(f"--shard must be I/N (two integers), got {text!r}") from None
+    if not 0 <= i < n:
+        raise SystemExit(f"--shard I/N needs 0 <= I < N, got {text!r}")
+    return i, n
+
+
 # ---------------------------------------------------------------------------------------------------- label
 def label(args) -> None:
     from tqdm import tqdm
@@ -129,6 +142,9 @@ def label(args) -> None:
                          f"{exc}") from None
     docs = documents(eng.tokenizer, args.genre, args.n_docs, args.min_tokens, args.max_tokens, args.seed,
                      args.per_source, args.corpus)
+    if args.shard:  # I/N: every N-th document from the I-th (parallel labelling processes, one file each)
+        k, n = _shard(args.shard)
+        docs = docs[k::n]
     todo = [(i, t) for i, t in docs if i not in done]
     print(f"{len(docs)} {args.genre} documents, {len(docs) - len(todo)} done, {len(todo)} to label -> {out}",
           flush=True)
@@ -163,7 +179,7 @@ def add_fidelity(args) -> None:
     eng = Engine.load(args.model)
     records = [json.loads(x) for x in Path(args.labels).read_text(encoding="utf-8").splitlines() if x.strip()]
     if args.shard:
-        i, n = (int(x) for x in args.shard.split("/"))
+        i, n = _shard(args.shard)
         records = records[i::n]
     out = Path(args.out)
     done = {json.loads(x)["id"] for x in out.read_text(encoding="utf-8").splitlines() if x.strip()} \
@@ -238,10 +254,15 @@ def main() -> None:
     lb.add_argument("--fidelities", default="none", help="'all', 'none' or a comma-separated list")
     lb.add_argument("--method", default="compactor")
     lb.add_argument("--allocator", default="adakv")
+    lb.add_argument("--shard", default=None, help="I/N: every N-th document from the I-th (parallel processes)")
     cp = sub.add_parser("compare", help="fidelity candidates vs task truth")
     cp.add_argument("labels")
     cp.add_argument("--epsilon", type=float, default=0.05)
     cp.add_argument("--out", default="results/calibration_truth_fidelity.json")
+    en = sub.add_parser("engines", help="(method, allocator) configurations vs task truth, same documents")
+    en.add_argument("labels", nargs="+", help="one truth-label file per configuration (label --method/--allocator)")
+    en.add_argument("--epsilon", type=float, default=0.05)
+    en.add_argument("--out", default="results/calibration_truth_engines.json")
     ev = sub.add_parser("evaluate", help="fit on one genre, test on another")
     ev.add_argument("--fit", required=True)
     ev.add_argument("--test", required=True)
@@ -279,6 +300,7 @@ def main() -> None:
     pk.add_argument("--seed", type=int, default=4242)
     pk.add_argument("--tokens", type=int, default=1500)
     pk.add_argument("--out", default="results/calibration_truth_passkey.json")
+    pk.add_argument("--model", default="smollm2-135m")
     for p in (lb, pk, fd):
         p.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
@@ -288,6 +310,8 @@ def main() -> None:
         label(args)
     elif args.cmd == "compare":
         write_report(compare_fidelities(args.labels, args.epsilon), args.out)
+    elif args.cmd == "engines":
+        write_report(compare_engines(args.labels, args.epsilon), args.out)
     elif args.cmd == "fidelity":
         add_fidelity(args)
     elif args.cmd == "ship":

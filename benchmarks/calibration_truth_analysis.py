@@ -75,6 +75,56 @@ def compare_fidelities(path, epsilon: float = 0.05) -> dict:
     return report
 
 
+def compare_engines(paths, epsilon: float = 0.05, ratios=(0.1, 0.3, 0.5)) -> dict:
+    """Which (method, allocator) keeps the most answers: the same documents labelled once per engine configuration
+    (``label --method … --allocator …``, one file each; only documents present in every file are compared). Per
+    configuration: the mean answer loss at each grid ratio, the best single ratio at mean loss ≤ ε, the mean
+    r*_task (what a predictor that knew every r*_task would average at zero loss) and the loss per question kind."""
+    sets = []
+    for path in paths:
+        recs = read_records(path)
+        if not recs:
+            raise SystemExit(f"{path}: no document with a counted answer")
+        sets.append((path, {r.get("id") or r["content_hash"]: r for r in recs}))
+    common = set.intersection(*(set(d) for _, d in sets))
+    if not common:
+        raise SystemExit("the label files share no document (label them with the same --genre/--seed/--*-tokens)")
+    rows = []
+    for path, by_id in sets:
+        recs = [by_id[k] for k in sorted(common)]
+        grid = recs[0]["ratios"]
+        losses = np.array([r["loss"] for r in recs])
+        kinds: dict[str, list[list[bool]]] = {}
+        for r in recs:
+            for o in r["truth"]["outcomes"]:
+                if o["counted"]:
+                    kinds.setdefault(f"{o['kind']}:{o['template']}", []).append(o["survived"])
+        cfg = recs[0]["config"]
+        rows.append({"labels": str(path), "method": cfg["method"], "allocator": cfg["allocator"],
+                     "mean_loss": [float(x) for x in losses.mean(0)], "grid": grid,
+                     "global_at_eps": global_at_loss(grid, losses, epsilon),
+                     "mean_r_star_task": float(np.mean([r["r_star_task"] for r in recs])),
+                     "kind_loss": {k: {str(g): float(1 - np.mean([s[j] for s in v])) for j, g in enumerate(grid)}
+                                   for k, v in sorted(kinds.items())}})
+    report = {"n": len(common), "epsilon": epsilon, "rows": rows}
+    print(f"{len(common)} documents in every file; mean answer loss at each ratio, best single ratio at loss <= "
+          f"{epsilon}, mean r*_task (the oracle's mean ratio at zero loss)")
+    grid = rows[0]["grid"]
+    shown = [j for j, g in enumerate(grid) if g <= 0.75]
+    print(f"{'method':>10} {'allocator':>9} " + " ".join(f"{grid[j]:>5}" for j in shown)
+          + f" {'global@eps':>10} {'r*_task':>8}")
+    for r in rows:
+        print(f"{r['method']:>10} {r['allocator']:>9} " + " ".join(f"{r['mean_loss'][j]:>5.3f}" for j in shown)
+              + f" {r['global_at_eps']:>10.2f} {r['mean_r_star_task']:>8.3f}")
+    kinds = sorted({k for r in rows for k in r["kind_loss"]})
+    print("loss per question kind at " + ", ".join(str(x) for x in ratios))
+    for r in rows:
+        cells = [f"{k.split(':')[-1]} " + "/".join(f"{r['kind_loss'][k].get(str(x), float('nan')):.2f}"
+                                                   for x in ratios) for k in kinds if k in r["kind_loss"]]
+        print(f"{r['method']:>10} {r['allocator']:>9}  " + "  ".join(cells))
+    return report
+
+
 def _interval(values: np.ndarray, n_boot: int, rng) -> list[float]:
     if len(values) == 0:
         return [0.0, 0.0]
@@ -201,7 +251,7 @@ def passkey_check(args) -> dict:
     from kvcalib.calib.data import synthetic as tasks
     from kvcalib.calib.pipeline import Engine
 
-    eng = Engine.load("smollm2-135m")
+    eng = Engine.load(args.model)
     config = CalibrationConfig()
     examples = tasks.passkey(eng.tokenizer, args.n, seed=args.seed, n_tokens=args.tokens)
     rows = []
