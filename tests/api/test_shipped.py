@@ -15,31 +15,39 @@ from tests.support import finished_full_calibration, isolated_settings, short_do
 pytestmark = pytest.mark.slow
 
 MODEL = "smollm2-135m"
+BUNDLED = (MODEL, "qwen2.5-coder-0.5b")  # every bundled model ships its predictors
 
 
-def test_the_shipped_predictor_is_fitted_on_task_truth_for_the_service_defaults():
-    from kvcalib.calib.predictors.bundled import default_predictor, shipped_folder, shipped_manifest
+@pytest.mark.parametrize("model", BUNDLED)
+def test_the_shipped_predictor_is_fitted_on_task_truth_for_the_service_defaults(model):
+    from kvcalib.calib.calibration.calibrate import CalibrationConfig
+    from kvcalib.calib.predictors.bundled import default_predictor, full_controller, shipped_folder, shipped_manifest
     from kvcalib.settings import Settings
 
-    folder = shipped_folder(MODEL)
-    assert folder is not None and (folder / "labels.jsonl").is_file(), "no predictor ships for the bundled model"
-    manifest = shipped_manifest(MODEL)
-    assert manifest["default"] == "risk" and manifest["target"] == "task_truth"
+    folder = shipped_folder(model)
+    assert folder is not None and (folder / "labels.jsonl").is_file(), f"no predictor ships for {model}"
+    manifest = shipped_manifest(model)
+    assert manifest["default"] == "risk" and manifest["target"] == "task_truth" and manifest["model"] == model
+    labels = (folder / "labels.jsonl").read_text(encoding="utf-8").splitlines()
+    assert {json.loads(x)["model"] for x in labels if x.strip()} == {model}  # labelled on that very model
     s = Settings(_env_file=None)
-    pred = default_predictor(MODEL, s.default_method, s.default_allocator)
+    pred = default_predictor(model, s.default_method, s.default_allocator)
     assert pred is not None and pred.kind == "risk"
     cfg = pred.training_config()
     assert (cfg["method"], cfg["allocator"]) == (s.default_method, s.default_allocator)
     assert cfg["tolerance"] == pytest.approx(1 - manifest["epsilon"]) == pytest.approx(s.default_tolerance)
+    controller = full_controller(model, CalibrationConfig())  # mode=full profiles of the defaults are controlled
+    assert controller is not None and controller.training["name"] == "full_salient"
 
 
-def test_kvcalib_fit_on_the_shipped_labels_reproduces_the_shipped_predictors(tmp_path):
+@pytest.mark.parametrize("model", BUNDLED)
+def test_kvcalib_fit_on_the_shipped_labels_reproduces_the_shipped_predictors(tmp_path, model):
     from kvcalib.calib.predictors import load_predictors
     from kvcalib.calib.predictors.bundled import shipped_folder, shipped_manifest
     from kvcalib.cli import app
 
-    folder = shipped_folder(MODEL)
-    m = shipped_manifest(MODEL)
+    folder = shipped_folder(model)
+    m = shipped_manifest(model)
     split = ",".join(str(x) for x in m["split"]["fractions"])
     r = CliRunner().invoke(app, ["fit", str(folder / "labels.jsonl"), "--out", str(tmp_path), "--split", split,
                                  "--epsilon", str(m["epsilon"]), "--alpha", str(m["alpha"]),

