@@ -222,6 +222,8 @@ def evaluate_split(args) -> dict:
     rng = np.random.default_rng(args.seed)
     report = {"fit": str(args.fit), "test": str(args.test), "n_train": len(train), "n_cal": len(cal),
               "n_test": len(test), "epsilon": args.epsilon, "alpha": args.alpha, "grid": grid, "predictors": {}}
+    # the mode=full controllers read the calibration's r*, not prefill features: `evaluate-full` tests those
+    preds = {name: p for name, p in preds.items() if (p.training or {}).get("mode") != "full"}
     for name, p in preds.items():
         m = held_out_metrics(p.predict(f_te), grid, l_te, y_te, l_cal, args.bootstrap, rng)
         m["version"] = p.version
