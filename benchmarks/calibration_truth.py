@@ -98,6 +98,17 @@ def documents(tokenizer, genre: str, n_docs: int, min_tokens: int, max_tokens: i
     return pieces[:n_docs]
 
 
+def _json_arg(text: str, flag: str) -> dict:
+    """A JSON object given on the command line (``{}`` when empty)."""
+    try:
+        value = json.loads(text or "{}")
+    except json.JSONDecodeError as exc:
+        raise SystemExit(f"{flag} must be a JSON object: {exc}") from None
+    if not isinstance(value, dict):
+        raise SystemExit(f"{flag} must be a JSON object, got {text!r}")
+    return value
+
+
 def _shard(text: str) -> tuple[int, int]:
     """``I/N`` -> (I, N) with 0 <= I < N."""
     try:
@@ -124,10 +135,12 @@ def label(args) -> None:
     fids = FIDELITIES if args.fidelities == "all" else tuple(f for f in args.fidelities.split(",") if f and
                                                                 f != "none")
     eng = Engine.load(args.model)
-    config = CalibrationConfig(method=args.method, allocator=args.allocator).validate()
+    config = CalibrationConfig(method=args.method, allocator=args.allocator,
+                               method_params=_json_arg(args.method_params, "--method-params"),
+                               allocator_params=_json_arg(args.allocator_params, "--allocator-params")).validate()
     # every document question is labelled; the confidence gate is applied when the records are read
-    tcfg = TruthConfig(method=config.method, allocator=config.allocator, ratios=config.ratios,
-                       doc_min_confidence=0.0)
+    tcfg = TruthConfig(method=config.method, method_params=config.method_params, allocator=config.allocator,
+                       allocator_params=config.allocator_params, ratios=config.ratios, doc_min_confidence=0.0)
     out = Path(args.out)
     done = set()
     if out.is_file():
@@ -211,12 +224,21 @@ def ship(args) -> None:
     from kvcalib.calib.predictors.bundled import SHIPPED
     from kvcalib.calib.predictors.risk import fit_truth_labels
 
-    folder = SHIPPED / args.model
-    folder.mkdir(parents=True, exist_ok=True)
+    from kvcalib.calib import defaults
+    from kvcalib.calib.predictors.bundled import config_folder_name
+
     records = [json.loads(x) for x in Path(args.labels).read_text(encoding="utf-8").splitlines() if x.strip()]
     models = {r.get("model") for r in records}
     if models != {args.model}:
         raise SystemExit(f"{args.labels} holds records of models {sorted(map(str, models))}, not only {args.model}")
+    engines = {(r["config"]["method"], r["config"]["allocator"]) for r in records}
+    if len(engines) != 1:
+        raise SystemExit(f"{args.labels} mixes engine configurations {sorted(engines)}")
+    method, allocator = engines.pop()
+    folder = SHIPPED / args.model  # the package defaults' folder; another configuration ships beside it
+    if (method, allocator) != (defaults.METHOD, defaults.ALLOCATOR):
+        folder = folder / config_folder_name(method, allocator)
+    folder.mkdir(parents=True, exist_ok=True)
     labels = folder / "labels.jsonl"
     labels.write_text("".join(json.dumps(compact_record(r), allow_nan=False) + "\n" for r in records),
                       encoding="utf-8")
@@ -253,6 +275,8 @@ def main() -> None:
     lb.add_argument("--question-seed", type=int, default=0)
     lb.add_argument("--fidelities", default="none", help="'all', 'none' or a comma-separated list")
     lb.add_argument("--method", default="compactor")
+    lb.add_argument("--method-params", default="{}", help='JSON, e.g. \'{"blend": 0.5}\'')
+    lb.add_argument("--allocator-params", default="{}", help='JSON, e.g. \'{"alpha": 0.5}\'')
     lb.add_argument("--allocator", default="adakv")
     lb.add_argument("--shard", default=None, help="I/N: every N-th document from the I-th (parallel processes)")
     cp = sub.add_parser("compare", help="fidelity candidates vs task truth")

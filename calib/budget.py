@@ -16,6 +16,8 @@ total is spread:
   ⌊α·C/(L·H)⌋ of the even context share;
 * ``per_layer`` — every head of a layer keeps the same positions (the top of the heads' mean score): the layout
   of paged engines, which evict a token across all heads of a layer;
+* ``global`` — one ranking over all layers and heads (KVzip's allocation): the top L·Hkv·per_head entries
+  wherever they are;
 * ``counts`` — the ragged interface: an explicit (L, Hkv) count per (layer, head), see ``select_topk``.
 
 Protected entries (score +inf) sort first everywhere, so they are kept as long as a head's / layer's allocation
@@ -261,8 +263,22 @@ def per_layer(scores: torch.Tensor, per_head: int, reduce: str = "mean", **_) ->
     return select_topk(combined.unsqueeze(1), counts).expand(n_layers, h, n).clone()  # (L, Hkv, N)
 
 
+def global_topk(scores: torch.Tensor, per_head: int, **_) -> torch.Tensor:
+    """One ranking over every (layer, head, position): the top L·Hkv·per_head entries are kept wherever they are
+    (ties: lower layer, head, position), so layers and heads get what their scores earn — KVzip's default
+    (``layerwise=False`` in its reference), for scores comparable across layers (attention probabilities). Protected
+    entries rank first; a head may keep nothing."""
+    n_layers, h, n = scores.shape
+    total = max(0, min(n_layers * h * int(per_head), n_layers * h * n))
+    order = torch.argsort(scores.reshape(-1), descending=True, stable=True)
+    keep = torch.zeros(n_layers * h * n, dtype=torch.bool, device=scores.device)
+    keep[order[:total]] = True
+    return keep.view(n_layers, h, n)
+
+
 Allocator = Callable[..., torch.Tensor]
-ALLOCATORS: dict[str, Allocator] = {"uniform": uniform, "adakv": adakv, "lava": lava, "per_layer": per_layer}
+ALLOCATORS: dict[str, Allocator] = {"uniform": uniform, "adakv": adakv, "lava": lava, "per_layer": per_layer,
+                                    "global": global_topk}
 
 
 def available_allocators() -> list[str]:

@@ -64,6 +64,16 @@ class Prompt:
 CONTEXT_MARK = "\x00KVCALIB_CONTEXT\x00"
 
 
+def chat_frame(tokenizer: Tokenizer, system: str | None = None) -> tuple[str, str]:
+    """(head, tail): the chat template's text before and after one user turn's content, the tail ending with the
+    assistant's generation prompt (("", "\\n") for a tokenizer without a template, as ``build_prompt``)."""
+    msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": CONTEXT_MARK}]
+    if not getattr(tokenizer, "chat_template", None):
+        return "", "\n"
+    head, tail = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True).split(CONTEXT_MARK)
+    return head, tail
+
+
 def build_prompt(tokenizer: Tokenizer, context: str, question: str, system: str | None = None) -> Prompt:
     """Chat-formatted prompt ``[system][user: context + question][assistant:]`` split after the context."""
     user = f"{CONTEXT_MARK}\n\n{question}"

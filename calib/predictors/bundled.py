@@ -3,6 +3,11 @@ by ``save_predictors`` (``manifest.json`` + one JSON file per predictor, version
 fitted on task truth (``risk.fit_truth_predictors``) from the labels beside it (``labels.jsonl``: the repository
 copy of the data, so ``kvcalib fit`` reproduces the predictors; see README "Calibration").
 
+A model may ship predictors for more than one engine configuration: ``shipped/<model>/`` holds the one fitted for the
+package defaults (method, allocator), and ``shipped/<model>/<method>-<allocator>/`` any other (e.g. SmolLM2's
+``kvzip-global``); every look-up below takes the request's method and allocator and reads the folder fitted for
+them.
+
 ``default_predictor(model, method=…, allocator=…)`` is what ``calibrate.predict`` (and through it the service, CLI
 and client) uses when no predictor is given: the manifest's default (``risk``: conformal risk control of the answer
 loss at ε) — or ``None`` when no predictor ships for that model or the shipped one was fitted for another scoring
@@ -29,42 +34,72 @@ def shipped_models() -> list[str]:
     return sorted(p.name for p in SHIPPED.iterdir() if (p / "manifest.json").is_file())
 
 
-def shipped_folder(model: str) -> Path | None:
-    folder = SHIPPED / str(model)
-    return folder if (folder / "manifest.json").is_file() else None
+def config_folder_name(method: str, allocator: str) -> str:
+    """The sub-folder of ``shipped/<model>/`` holding the predictors of a non-default (method, allocator)."""
+    return f"{method}-{allocator}"
 
 
-@functools.lru_cache(maxsize=16)
-def _load(model: str, name: str | None) -> Predictor:
-    folder = shipped_folder(model)
+def shipped_folders(model: str) -> list[Path]:
+    """Every shipped predictor folder of ``model``: the default configuration's first, then the others by name."""
+    root = SHIPPED / str(model)
+    if not (root / "manifest.json").is_file():
+        return []
+    return [root] + sorted(p for p in root.iterdir() if p.is_dir() and (p / "manifest.json").is_file())
+
+
+def _trained_for(folder: Path) -> dict:
+    """The training config (method, allocator, …) of a folder's default predictor."""
+    return _load(str(folder), None).training_config()
+
+
+def _fits(trained: dict, method: str | None, allocator: str | None) -> bool:
+    return all(want is None or key not in trained or trained[key] == want
+               for key, want in (("method", method), ("allocator", allocator)))
+
+
+def shipped_folder(model: str, method: str | None = None, allocator: str | None = None) -> Path | None:
+    """The folder shipped for ``model`` whose predictors were fitted for ``method`` / ``allocator`` (each checked
+    when given; neither: the default configuration's), else None."""
+    folders = shipped_folders(str(model))
+    if method is None and allocator is None:
+        return folders[0] if folders else None
+    for folder in folders:
+        if _fits(_trained_for(folder), method, allocator):
+            return folder
+    return None
+
+
+def _folder_or_raise(model: str, method: str | None, allocator: str | None) -> Path:
+    folder = shipped_folder(model, method, allocator)
     if folder is None:
-        raise PredictorError(f"no predictor ships for model {model!r}: shipped for {shipped_models()}")
-    return load_predictor(folder, name)
+        if not shipped_folders(model):
+            raise PredictorError(f"no predictor ships for model {model!r}: shipped for {shipped_models()}")
+        raise PredictorError(f"no predictor ships for model {model!r} with method {method!r} and allocator "
+                             f"{allocator!r}")
+    return folder
 
 
-def shipped_predictor(model: str, name: str | None = None) -> Predictor:
-    """One shipped predictor of ``model`` (default: the manifest's default). Cached: treat it as read-only."""
-    return _load(str(model), name)
+@functools.lru_cache(maxsize=32)
+def _load(folder: str, name: str | None) -> Predictor:
+    return load_predictor(Path(folder), name)
+
+
+def shipped_predictor(model: str, name: str | None = None, method: str | None = None,
+                      allocator: str | None = None) -> Predictor:
+    """One shipped predictor of ``model`` (default: the manifest's default) from the folder fitted for ``method`` /
+    ``allocator`` (neither: the default configuration's). Cached: treat it as read-only."""
+    return _load(str(_folder_or_raise(str(model), method, allocator)), name)
 
 
 def default_predictor(model: str, method: str | None = None, allocator: str | None = None) -> Predictor | None:
-    """The shipped default predictor of ``model`` when one ships and was fitted for ``method`` / ``allocator``
-    (each checked when given), else None."""
-    if shipped_folder(str(model)) is None:
-        return None
-    pred = shipped_predictor(str(model))
-    trained = pred.training_config()
-    for key, want in (("method", method), ("allocator", allocator)):
-        if want is not None and key in trained and trained[key] != want:
-            return None
-    return pred
+    """The shipped default predictor of ``model`` fitted for ``method`` / ``allocator`` (each checked when given),
+    else None."""
+    folder = shipped_folder(str(model), method, allocator)
+    return None if folder is None else _load(str(folder), None)
 
 
-def shipped_manifest(model: str) -> dict:
-    folder = shipped_folder(str(model))
-    if folder is None:
-        raise PredictorError(f"no predictor ships for model {model!r}")
-    return load_manifest(folder)
+def shipped_manifest(model: str, method: str | None = None, allocator: str | None = None) -> dict:
+    return load_manifest(_folder_or_raise(str(model), method, allocator))
 
 
 def full_controller(model: str, config) -> Predictor | None:
@@ -73,13 +108,13 @@ def full_controller(model: str, config) -> Predictor | None:
     ``calibrate.check_controller``), else None."""
     from kvcalib.calib.predictors.risk import controller_mismatch
 
-    folder = shipped_folder(str(model))
+    folder = shipped_folder(str(model), config.method, config.allocator)
     if folder is None:
         return None
     name = f"full_{config.fidelity}"
     if name not in load_manifest(folder).get("predictors", {}):
         return None
-    pred = shipped_predictor(str(model), name)
+    pred = _load(str(folder), name)
     why = controller_mismatch(pred, fidelity=config.fidelity, tolerance=config.tolerance, method=config.method,
                               allocator=config.allocator)
     return None if why else pred

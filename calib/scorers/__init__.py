@@ -12,6 +12,7 @@ from kvcalib.calib.scorers.baselines import KeyNorm, Random, StreamingLLM
 from kvcalib.calib.scorers.compactor import Compactor
 from kvcalib.calib.scorers.curdkv import CurDKV
 from kvcalib.calib.scorers.keydiff import KeyDiff
+from kvcalib.calib.scorers.kvzip import KVzip
 from kvcalib.calib.scorers.lava import LAVa
 from kvcalib.calib.scorers.lookahead import LookaheadQCache
 from kvcalib.calib.scorers.obcache import OBCache
@@ -21,7 +22,7 @@ from kvcalib.calib.scorers.tova import TOVA
 SCORERS: dict[str, type[Scorer]] = {
     cls.name: cls
     for cls in (Compactor, SnapKV, StreamingLLM, KeyNorm, Random, CurDKV, OBCache, LAVa, LookaheadQCache, TOVA,
-                KeyDiff)
+                KeyDiff, KVzip)
 }
 ALIASES: dict[str, str] = {"laq": "lookahead"}  # Lookahead Q-Cache's name in its paper
 

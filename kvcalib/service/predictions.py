@@ -248,8 +248,8 @@ class Predictors:
             pred = bundled.default_predictor(model, key.method, key.allocator)
             if pred is None or not predictor_fits(pred, key):
                 return None
-            folder = bundled.shipped_folder(model)
-            name = bundled.shipped_manifest(model).get("default")
+            folder = bundled.shipped_folder(model, key.method, key.allocator)
+            name = bundled.shipped_manifest(model, key.method, key.allocator).get("default")
         except Exception:  # noqa: BLE001 - a broken package file: answer with the fallback, say why in the log
             log.warning("the predictor shipped for %s cannot be loaded", model, exc_info=True)
             return None
@@ -349,7 +349,7 @@ class Predictors:
     def listing(self) -> PredictorListing:
         """Every predictor this service knows (``GET /predictors``): the configured one, the stored ones and the
         shipped ones, each with its source and whether it is the default of its model."""
-        from kvcalib.calib.predictors import bundled
+        from kvcalib.calib.predictors import bundled, load_manifest, load_predictor
 
         defaults = self.defaults()
         served = set(defaults.values())
@@ -368,12 +368,12 @@ class Predictors:
         with self.db.session() as s:
             rows = {row.version: row for row in repo.list_predictors(s)}
         shipped: list[PredictorInfo] = []
-        for model in bundled.shipped_models():
+        for model, folder in ((m, f) for m in bundled.shipped_models() for f in bundled.shipped_folders(m)):
             try:
-                manifest = bundled.shipped_manifest(model)
-                entries = [(name, bundled.shipped_predictor(model, name)) for name in manifest.get("predictors", {})]
+                manifest = load_manifest(folder)
+                entries = [(name, load_predictor(folder, name)) for name in manifest.get("predictors", {})]
             except Exception:  # noqa: BLE001 - a broken package file: listed as missing, logged
-                log.warning("the predictors shipped for %s cannot be loaded", model, exc_info=True)
+                log.warning("the predictors shipped for %s in %s cannot be loaded", model, folder, exc_info=True)
                 continue
             for name, pred in entries:
                 row = rows.get(pred.version)
@@ -479,6 +479,6 @@ def controller_for(db: Database, model: str, config: CalibrationConfig) -> Choic
         return None
     if pred is None:
         return None
-    folder = bundled.shipped_folder(model)
+    folder = bundled.shipped_folder(model, config.method, config.allocator)
     return Choice(pred, "shipped", name=f"full_{config.fidelity}", artefact_path=str(folder) if folder else None,
                   model=model)

@@ -66,6 +66,7 @@ SEARCH_SPACES: dict[str, dict[str, Distribution]] = {
                "protect_first": Choice((0, 4, 8))},
     "lookahead": {"n_pseudo": Choice((2, 4, 8)), "obs_window": Choice((0, 8, 16)), "kernel": _KERNEL},
     "streaming": {"sinks": Choice((0, 1, 2, 4, 8, 16))},
+    "kvzip": {"n_sink": Choice((0, 4, 8)), "chunk_size": Choice((512, 1024, 2048))},
 }
 # Allocator hyperparameters (keyword arguments of ``calib.budget.ALLOCATORS[name]``, passed to calibration as
 # ``CalibrationConfig.allocator_params``), swept beside the method's.
