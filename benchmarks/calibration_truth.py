@@ -218,14 +218,12 @@ SHIP_SPLIT = (0.5, 0.5, 0.0)  # train / calibration / (no) test: the held-out te
 def ship(args) -> None:
     """Compact the calibration genre's truth records into ``calib/predictors/shipped/<model>/labels.jsonl`` and fit
     the shipped predictors from that very file (as ``kvcalib fit … --split 0.5,0.5,0`` does: same versions)."""
+    from kvcalib.calib import defaults
     from kvcalib.calib.calibration.suite import compact_record
     from kvcalib.calib.calibration.truth_labels import read_truth_labels
     from kvcalib.calib.predictors import save_predictors
-    from kvcalib.calib.predictors.bundled import SHIPPED
+    from kvcalib.calib.predictors.bundled import SHIPPED, config_folder_name
     from kvcalib.calib.predictors.risk import fit_truth_labels
-
-    from kvcalib.calib import defaults
-    from kvcalib.calib.predictors.bundled import config_folder_name
 
     records = [json.loads(x) for x in Path(args.labels).read_text(encoding="utf-8").splitlines() if x.strip()]
     models = {r.get("model") for r in records}

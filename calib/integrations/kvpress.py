@@ -97,7 +97,12 @@ def _press_class() -> type:
 
 def kvcalib_press(method: str = "compactor", compression_ratio: float = 0.5, adaptive: bool = True,
                   alpha: float = 0.2, **method_params: Any) -> Any:
-    """A ``KvcalibPress`` for kvpress's pipeline; wrapped in ``AdaKVPress`` when ``adaptive`` (kvcalib's adakv)."""
+    """A ``KvcalibPress`` for kvpress's pipeline; wrapped in ``AdaKVPress`` when ``adaptive`` (kvcalib's adakv).
+    KVzip is refused: its scores need a second forward of the model, which a per-layer press hook cannot run; use
+    kvpress's own ``KVzipPress`` (``budget_to_press`` of a kvzip budget returns it)."""
+    if method == "kvzip":
+        raise KvcalibError("kvzip cannot run inside a per-layer press (it needs a reconstruction forward): use "
+                           "kvpress.KVzipPress, or budget_to_press(budget) of a kvzip budget")
     press = _press_class()(compression_ratio=compression_ratio, method=method, method_params=method_params or None)
     if adaptive:
         from kvpress import AdaKVPress
@@ -108,7 +113,8 @@ def kvcalib_press(method: str = "compactor", compression_ratio: float = 0.5, ada
 
 def budget_to_press(budget: Any) -> Any:
     """kvpress presses of a stored kvcalib budget (``GET /budget``'s JSON: ratio, method, allocator, layer_budgets,
-    context_tokens): the method's kvpress equivalent when one exists (else ``KvcalibPress``) at the budget's ratio;
+    context_tokens): ``KVzipPress`` for kvzip (``layerwise=False`` for the ``global`` allocator); the method's kvpress
+    equivalent when one exists (else ``KvcalibPress``) at the budget's ratio;
     ``adakv`` → ``AdaKVPress``; layer budgets that differ (``lava``) → ``PerLayerCompressionPress`` with each layer's
     ratio 1 − B_l / (Hkv·N) (``per_head`` list: one ratio per layer)."""
     try:
@@ -118,6 +124,8 @@ def budget_to_press(budget: Any) -> Any:
     budget = _as_dict(budget)
     method, allocator = budget.get("method", "compactor"), budget.get("allocator", "adakv")
     ratio = float(budget["ratio"])
+    if method == "kvzip":  # KVzip's own press: layerwise=False is the global ranking, True a per-layer budget
+        return kvpress.KVzipPress(compression_ratio=ratio, layerwise=allocator != "global")
     name = KVPRESS_EQUIVALENTS.get(method)
     cls = getattr(kvpress, name, None) if name else None
     press = cls(compression_ratio=ratio) if cls else _press_class()(compression_ratio=ratio, method=method)

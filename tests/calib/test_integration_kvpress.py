@@ -84,3 +84,11 @@ def test_without_kvpress_the_error_is_clear():
 
     with pytest.raises(KvpressMissingError, match="pip install"):
         kvcalib_press("compactor")
+
+
+def test_kvzip_is_refused_as_a_per_layer_press():
+    from kvcalib.calib.errors import KvcalibError
+    from kvcalib.calib.integrations.kvpress import kvcalib_press
+
+    with pytest.raises(KvcalibError, match="KVzipPress"):  # before kvpress is even imported
+        kvcalib_press("kvzip")
