@@ -44,7 +44,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py beside it, also under -m
-from calibration_truth_analysis import compare_engines, compare_fidelities, evaluate_full, evaluate_split, passkey_check  # noqa: E402
+from calibration_truth_analysis import (  # noqa: E402
+    compare_engines,
+    compare_fidelities,
+    evaluate_full,
+    evaluate_split,
+    passkey_check,
+    plot_engines,
+)
 from common import write_report  # noqa: E402
 
 
@@ -285,6 +292,7 @@ def main() -> None:
     en.add_argument("labels", nargs="+", help="one truth-label file per configuration (label --method/--allocator)")
     en.add_argument("--epsilon", type=float, default=0.05)
     en.add_argument("--out", default="results/calibration_truth_engines.json")
+    en.add_argument("--plot", default=None, help="a PNG of the loss curves, e.g. docs/img/engines.png")
     ev = sub.add_parser("evaluate", help="fit on one genre, test on another")
     ev.add_argument("--fit", required=True)
     ev.add_argument("--test", required=True)
@@ -322,6 +330,8 @@ def main() -> None:
     pk.add_argument("--seed", type=int, default=4242)
     pk.add_argument("--tokens", type=int, default=1500)
     pk.add_argument("--out", default="results/calibration_truth_passkey.json")
+    pk.add_argument("--method", default="compactor", help="the engine compressing (and its shipped predictor)")
+    pk.add_argument("--allocator", default="adakv")
     pk.add_argument("--model", default="smollm2-135m")
     for p in (lb, pk, fd):
         p.add_argument("--threads", type=int, default=1)
@@ -333,7 +343,10 @@ def main() -> None:
     elif args.cmd == "compare":
         write_report(compare_fidelities(args.labels, args.epsilon), args.out)
     elif args.cmd == "engines":
-        write_report(compare_engines(args.labels, args.epsilon), args.out)
+        report = compare_engines(args.labels, args.epsilon)
+        write_report(report, args.out)
+        if args.plot:
+            plot_engines(report, args.plot)
     elif args.cmd == "fidelity":
         add_fidelity(args)
     elif args.cmd == "ship":

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -123,6 +124,30 @@ def compare_engines(paths, epsilon: float = 0.05, ratios=(0.1, 0.3, 0.5)) -> dic
                                                    for x in ratios) for k in kinds if k in r["kind_loss"]]
         print(f"{r['method']:>10} {r['allocator']:>9}  " + "  ".join(cells))
     return report
+
+
+def plot_engines(report: dict, path: str) -> None:
+    """Mean answer loss against the compression ratio, one line per engine configuration, with ε."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
+    for r in report["rows"]:
+        ax.plot(r["grid"], r["mean_loss"], marker="o", ms=3,
+                label=f"{r['method']} + {r['allocator']} (oracle {r['mean_r_star_task']:.2f})")
+    ax.axhline(report["epsilon"], color="grey", ls="--", lw=1, label=f"ε = {report['epsilon']}")
+    ax.set_xlabel("compression ratio (share of the KV cache evicted)")
+    ax.set_ylabel("mean answer loss (share of full-cache answers lost)")
+    ax.set_title(f"Which engine keeps the answers ({report['n']} documents, same questions)")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    print(f"wrote {path}")
 
 
 def _interval(values: np.ndarray, n_boot: int, rng) -> list[float]:
@@ -254,7 +279,7 @@ def passkey_check(args) -> dict:
     from kvcalib.calib.pipeline import Engine
 
     eng = Engine.load(args.model)
-    config = CalibrationConfig()
+    config = CalibrationConfig(method=args.method, allocator=args.allocator).validate()
     examples = tasks.passkey(eng.tokenizer, args.n, seed=args.seed, n_tokens=args.tokens)
     rows = []
     t0 = time.perf_counter()
@@ -269,7 +294,8 @@ def passkey_check(args) -> dict:
         rows.append(row)
     acc = {k: sum(r[k]["correct"] for r in rows) / len(rows) for k in ("full", "recommended")}
     rel = acc["recommended"] / acc["full"] if acc["full"] else None
-    report = {"n": args.n, "seed": args.seed, "tokens": args.tokens, "accuracy": acc, "relative": rel,
+    report = {"n": args.n, "seed": args.seed, "tokens": args.tokens, "method": config.method,
+              "allocator": config.allocator, "accuracy": acc, "relative": rel,
               "mean_ratio": statistics.mean(r["ratio"] for r in rows), "meets_target": bool(rel is None or
                                                                                              rel >= 0.95),
               "seconds": time.perf_counter() - t0, "examples": rows}

@@ -40,14 +40,45 @@ def test_the_shipped_predictor_is_fitted_on_task_truth_for_the_service_defaults(
     assert controller is not None and controller.training["name"] == "full_salient"
 
 
-@pytest.mark.parametrize("model", BUNDLED)
-def test_kvcalib_fit_on_the_shipped_labels_reproduces_the_shipped_predictors(tmp_path, model):
-    from kvcalib.calib.predictors import load_predictors
-    from kvcalib.calib.predictors.bundled import shipped_folder, shipped_manifest
+def _shipped_folders():
+    from kvcalib.calib.predictors.bundled import shipped_folders
+
+    return [(model, folder) for model in BUNDLED for folder in shipped_folders(model)]
+
+
+def test_every_shipped_configuration_is_found_by_its_method_and_allocator():
+    from kvcalib.calib.predictors.base import PredictorError
+    from kvcalib.calib.predictors.bundled import default_predictor, shipped_folder, shipped_folders, shipped_manifest
+
+    assert shipped_folder(MODEL, "kvzip", "global").name == "kvzip-global"  # SmolLM2 ships the KVzip engine too
+    for model in BUNDLED:
+        folders = shipped_folders(model)
+        assert folders[0] == shipped_folder(model)  # the defaults' folder first
+        seen = set()
+        for folder in folders:
+            trained = default_predictor(model, *_engine(folder)).training_config()
+            engine = (trained["method"], trained["allocator"])
+            assert engine == _engine(folder) and engine not in seen  # one folder per configuration
+            seen.add(engine)
+            assert shipped_folder(model, *engine) == folder
+            assert trained["model"] == model
+    assert default_predictor(MODEL, "snapkv", "uniform") is None  # nothing ships for it: the caller falls back
+    with pytest.raises(PredictorError, match="snapkv"):
+        shipped_manifest(MODEL, "snapkv", "uniform")
+
+
+def _engine(folder) -> tuple[str, str]:
+    """(method, allocator) a shipped folder declares: its labels' engine configuration."""
+    first = json.loads((folder / "labels.jsonl").read_text(encoding="utf-8").splitlines()[0])
+    return first["config"]["method"], first["config"]["allocator"]
+
+
+@pytest.mark.parametrize("model,folder", _shipped_folders(), ids=lambda x: getattr(x, "name", x))
+def test_kvcalib_fit_on_the_shipped_labels_reproduces_the_shipped_predictors(tmp_path, model, folder):
+    from kvcalib.calib.predictors import load_manifest, load_predictors
     from kvcalib.cli import app
 
-    folder = shipped_folder(model)
-    m = shipped_manifest(model)
+    m = load_manifest(folder)
     split = ",".join(str(x) for x in m["split"]["fractions"])
     r = CliRunner().invoke(app, ["fit", str(folder / "labels.jsonl"), "--out", str(tmp_path), "--split", split,
                                  "--epsilon", str(m["epsilon"]), "--alpha", str(m["alpha"]),
@@ -79,6 +110,29 @@ def test_a_fresh_install_predicts_document_dependent_ratios_from_the_shipped_pre
     assert len(set(ratios.values())) >= 2, f"every document got the same ratio: {ratios}"
     assert listing["defaults"][MODEL] == version
     assert json.dumps(ratios)  # plain floats
+
+
+def test_a_request_for_the_kvzip_engine_is_answered_by_its_shipped_predictor(tmp_path, tokenizer):
+    from kvcalib.api.app import create_app
+    from kvcalib.calib.predictors.bundled import shipped_predictor
+
+    version = shipped_predictor(MODEL, method="kvzip", allocator="global").version
+    assert version != shipped_predictor(MODEL).version
+    docs = short_documents(tokenizer, 8, 1000, 1400)
+    ratios = []
+    with TestClient(create_app(isolated_settings(tmp_path))) as c:
+        for text in docs:
+            r = c.post("/calibrate", json={"mode": "predict", "text": text, "method": "kvzip", "allocator": "global"})
+            assert r.status_code == 200, r.text
+            assert r.json()["predictor_version"] == version
+            ratios.append(r.json()["ratio"])
+            if len(set(ratios)) >= 2:
+                break
+        listing = c.get("/predictors").json()
+    assert len(set(ratios)) >= 2, f"every document got the same ratio: {ratios}"
+    listed = {p["version"]: p for p in listing["predictors"]}
+    assert version in listed and listed[version]["source"] == "shipped"
+    assert listed[version]["training_config"]["method"] == "kvzip"
 
 
 def test_full_mode_profiles_serve_the_risk_controlled_ratio(tmp_path, tokenizer):
