@@ -47,6 +47,7 @@ def _shipped_folders():
 
 
 def test_every_shipped_configuration_is_found_by_its_method_and_allocator():
+    from kvcalib.calib.predictors import load_manifest
     from kvcalib.calib.predictors.base import PredictorError
     from kvcalib.calib.predictors.bundled import default_predictor, shipped_folder, shipped_folders, shipped_manifest
 
@@ -61,7 +62,7 @@ def test_every_shipped_configuration_is_found_by_its_method_and_allocator():
             assert engine == _engine(folder) and engine not in seen  # one folder per configuration
             seen.add(engine)
             assert shipped_folder(model, *engine) == folder
-            assert trained["model"] == model
+            assert load_manifest(folder)["model"] == model
     assert default_predictor(MODEL, "snapkv", "uniform") is None  # nothing ships for it: the caller falls back
     with pytest.raises(PredictorError, match="snapkv"):
         shipped_manifest(MODEL, "snapkv", "uniform")
