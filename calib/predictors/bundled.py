@@ -84,6 +84,11 @@ def _load(folder: str, name: str | None) -> Predictor:
     return load_predictor(Path(folder), name)
 
 
+def folder_predictor(folder: Path, name: str | None = None) -> Predictor:
+    """One predictor of a shipped ``folder`` (one of ``shipped_folders``; default: its manifest's default). Cached."""
+    return _load(str(folder), name)
+
+
 def shipped_predictor(model: str, name: str | None = None, method: str | None = None,
                       allocator: str | None = None) -> Predictor:
     """One shipped predictor of ``model`` (default: the manifest's default) from the folder fitted for ``method`` /

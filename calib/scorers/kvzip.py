@@ -122,6 +122,4 @@ class KVzip(Scorer):
                                cache.layers[l].keys[0, :, n:]], dim=1).float()  # (Hkv, S = sink + c + m, d)
                 scores[l, :, lo:lo + c] = reconstruction_max(q, k, sink, c, own)
             lo += c
-        cache.restore(state)
-        cache.record_queries = 0
         return scores

@@ -242,14 +242,16 @@ class Predictors:
     def shipped(self, model: str, key: CalibrationConfig | RequestKey) -> Choice | None:
         """The default predictor shipped for ``model`` when it was trained for the request's method, allocator and
         τ (``calib.predictors.bundled``)."""
-        from kvcalib.calib.predictors import bundled
+        from kvcalib.calib.predictors import bundled, load_manifest
 
         try:
-            pred = bundled.default_predictor(model, key.method, key.allocator)
-            if pred is None or not predictor_fits(pred, key):
-                return None
             folder = bundled.shipped_folder(model, key.method, key.allocator)
-            name = bundled.shipped_manifest(model, key.method, key.allocator).get("default")
+            if folder is None:
+                return None
+            pred = bundled.folder_predictor(folder)
+            if not predictor_fits(pred, key):
+                return None
+            name = load_manifest(folder).get("default")
         except Exception:  # noqa: BLE001 - a broken package file: answer with the fallback, say why in the log
             log.warning("the predictor shipped for %s cannot be loaded", model, exc_info=True)
             return None
@@ -349,7 +351,7 @@ class Predictors:
     def listing(self) -> PredictorListing:
         """Every predictor this service knows (``GET /predictors``): the configured one, the stored ones and the
         shipped ones, each with its source and whether it is the default of its model."""
-        from kvcalib.calib.predictors import bundled, load_manifest, load_predictor
+        from kvcalib.calib.predictors import bundled, load_manifest
 
         defaults = self.defaults()
         served = set(defaults.values())
@@ -371,7 +373,7 @@ class Predictors:
         for model, folder in ((m, f) for m in bundled.shipped_models() for f in bundled.shipped_folders(m)):
             try:
                 manifest = load_manifest(folder)
-                entries = [(name, load_predictor(folder, name)) for name in manifest.get("predictors", {})]
+                entries = [(name, bundled.folder_predictor(folder, name)) for name in manifest.get("predictors", {})]
             except Exception:  # noqa: BLE001 - a broken package file: listed as missing, logged
                 log.warning("the predictors shipped for %s in %s cannot be loaded", model, folder, exc_info=True)
                 continue
