@@ -1,7 +1,7 @@
 """Sweeps against the task truth (issue 15, item 6): the truth objective (mean recommended ratio up, realised answer
 loss down), old stored specs resuming as reconstruction studies, truth-study promotion and the CLI.
 
-Plumbing tests use a fake evaluator (no model); the real-model test runs SmolLM2-135M on two ~300–400-token essay
+Plumbing tests use a fake evaluator (no model); the real-model test runs SmolLM2-135M on two ~200–300-token essay
 pieces with a 3-ratio grid and two needles per document, and recomputes every stored value independently (the truth
 suite's record for r*, ``evaluate_truth`` with its own prefill for the answers lost at r*).
 """
@@ -201,7 +201,7 @@ def test_cli_truth_objective_fidelity_show_and_promote(sqlite_url, tmp_path, mon
 # ---------------------------------------------------------------------------------------------------- real model
 @pytest.fixture(scope="module")
 def truth_docs(tokenizer):
-    return short_documents(tokenizer, 2, 300, 400)
+    return short_documents(tokenizer, 2, 200, 300)
 
 
 def recompute(engine, spec: sw.SweepSpec, text: str, params: dict) -> dict:
