@@ -230,6 +230,7 @@ def ship(args) -> None:
     from kvcalib.calib.calibration.truth_labels import read_truth_labels
     from kvcalib.calib.predictors import save_predictors
     from kvcalib.calib.predictors.bundled import SHIPPED, config_folder_name
+    from kvcalib.calib.predictors.io import keep_unchanged_versions
     from kvcalib.calib.predictors.risk import fit_truth_labels
 
     records = [json.loads(x) for x in Path(args.labels).read_text(encoding="utf-8").splitlines() if x.strip()]
@@ -249,11 +250,12 @@ def ship(args) -> None:
                       encoding="utf-8")
     rows = read_truth_labels(labels)
     preds, split = fit_truth_labels(rows, SHIP_SPLIT, seed=args.seed, epsilon=args.epsilon, alpha=args.alpha)
+    kept = keep_unchanged_versions(folder, preds)  # an unchanged predictor keeps the version it shipped with
     save_predictors(folder, preds, extra={"default": "risk", "labels": "labels.jsonl", "epsilon": args.epsilon,
                                           "alpha": args.alpha, "target": "task_truth", "split": split,
                                           "model": args.model, "genre": sorted({r.get("genre", "") for r in rows})})
     print(f"shipped {len(preds)} predictors for {args.model} fitted on {len(rows)} documents -> {folder}/ "
-          f"(default risk {preds['risk'].version})")
+          f"(default risk {preds['risk'].version}; versions kept: {', '.join(kept) or 'none'})")
 
 
 def _document_args(p: argparse.ArgumentParser) -> None:

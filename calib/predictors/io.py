@@ -36,6 +36,22 @@ def save_predictors(folder: str | Path, predictors: dict[str, Predictor], extra:
     return folder
 
 
+def keep_unchanged_versions(folder: str | Path, predictors: dict[str, Predictor]) -> list[str]:
+    """Refitting into an existing predictor ``folder``: a predictor whose parameters (content hash) equal those of
+    the one saved there under the same name takes over its ``created`` stamp, so its version — what profiles and
+    stored predictions name — survives a re-ship that changed something else. Returns the names kept."""
+    folder = Path(folder)
+    if not (folder / "manifest.json").is_file():
+        return []
+    old = load_predictors(folder)
+    kept = []
+    for name, p in predictors.items():
+        if name in old and old[name].kind == p.kind and old[name].content_hash() == p.content_hash():
+            p.created = old[name].created
+            kept.append(name)
+    return kept
+
+
 def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text(encoding="utf-8"))

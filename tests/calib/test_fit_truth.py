@@ -64,3 +64,25 @@ def test_fit_on_truth_labels_is_risk_control_and_deterministic(tmp_path):
     assert risk.metrics["cal"]["loss"] <= 0.1 + 1e-9
     bad = runner.invoke(app, ["fit", str(labels), "--out", str(tmp_path / "x"), "--epsilon", "1.5"])
     assert bad.exit_code == 2 and "epsilon" in bad.output
+
+
+def test_a_refit_keeps_the_version_of_every_unchanged_predictor(tmp_path):
+    """Re-shipping a folder (``calibration_truth.py ship``) after adding a predictor: the unchanged ones keep the
+    versions profiles and stored predictions name; a changed or new one gets a fresh version."""
+    from kvcalib.calib.predictors import save_predictors
+    from kvcalib.calib.predictors.constant import ConstantPredictor
+    from kvcalib.calib.predictors.io import keep_unchanged_versions
+
+    assert keep_unchanged_versions(tmp_path / "none", {"a": ConstantPredictor(0.2)}) == []  # no folder yet
+    first = {"a": ConstantPredictor(0.2), "b": ConstantPredictor(0.3)}
+    for p in first.values():
+        p.created = "20200101T000000Z"
+    save_predictors(tmp_path, first)
+    again = {"a": ConstantPredictor(0.2), "b": ConstantPredictor(0.4), "c": ConstantPredictor(0.1)}
+    assert all(p.created != "20200101T000000Z" for p in again.values())  # fresh stamps before
+    assert keep_unchanged_versions(tmp_path, again) == ["a"]
+    save_predictors(tmp_path, again)
+    back = load_predictors(tmp_path)
+    assert back["a"].version == first["a"].version  # same parameters: same version
+    assert back["b"].version != first["b"].version and back["b"].created != "20200101T000000Z"
+    assert back["c"].version == again["c"].version
