@@ -263,12 +263,12 @@ def shipped_predictors(folder):
 
     mp = pytest.MonkeyPatch()
     mp.setattr(bundled, "SHIPPED", Path(folder))
-    bundled._load.cache_clear()
+    bundled.clear_cache()
     try:
         yield Path(folder)
     finally:
         mp.undo()
-        bundled._load.cache_clear()
+        bundled.clear_cache()
 
 
 def isolated_settings(data_dir, **overrides):

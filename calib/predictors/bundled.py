@@ -89,6 +89,22 @@ def folder_predictor(folder: Path, name: str | None = None) -> Predictor:
     return _load(str(folder), name)
 
 
+@functools.lru_cache(maxsize=32)
+def _manifest(folder: str) -> dict:
+    return load_manifest(Path(folder))
+
+
+def folder_manifest(folder: Path) -> dict:
+    """The manifest of a shipped ``folder`` (package data: read once, cached; treat it as read-only)."""
+    return _manifest(str(folder))
+
+
+def clear_cache() -> None:
+    """Forget every predictor and manifest read (for tests that swap ``SHIPPED`` for folders of their own)."""
+    _load.cache_clear()
+    _manifest.cache_clear()
+
+
 def shipped_predictor(model: str, name: str | None = None, method: str | None = None,
                       allocator: str | None = None) -> Predictor:
     """One shipped predictor of ``model`` (default: the manifest's default) from the folder fitted for ``method`` /
@@ -104,7 +120,7 @@ def default_predictor(model: str, method: str | None = None, allocator: str | No
 
 
 def shipped_manifest(model: str, method: str | None = None, allocator: str | None = None) -> dict:
-    return load_manifest(_folder_or_raise(str(model), method, allocator))
+    return folder_manifest(_folder_or_raise(str(model), method, allocator))
 
 
 def full_controller(model: str, config) -> Predictor | None:
@@ -117,7 +133,7 @@ def full_controller(model: str, config) -> Predictor | None:
     if folder is None:
         return None
     name = f"full_{config.fidelity}"
-    if name not in load_manifest(folder).get("predictors", {}):
+    if name not in folder_manifest(folder).get("predictors", {}):
         return None
     pred = _load(str(folder), name)
     why = controller_mismatch(pred, fidelity=config.fidelity, tolerance=config.tolerance, method=config.method,

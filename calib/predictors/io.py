@@ -46,7 +46,7 @@ def keep_unchanged_versions(folder: str | Path, predictors: dict[str, Predictor]
     old = load_predictors(folder)
     kept = []
     for name, p in predictors.items():
-        if name in old and old[name].kind == p.kind and old[name].content_hash() == p.content_hash():
+        if name in old and old[name].content_hash() == p.content_hash():  # the hash covers the kind
             p.created = old[name].created
             kept.append(name)
     return kept

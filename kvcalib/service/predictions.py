@@ -242,7 +242,7 @@ class Predictors:
     def shipped(self, model: str, key: CalibrationConfig | RequestKey) -> Choice | None:
         """The default predictor shipped for ``model`` when it was trained for the request's method, allocator and
         τ (``calib.predictors.bundled``)."""
-        from kvcalib.calib.predictors import bundled, load_manifest
+        from kvcalib.calib.predictors import bundled
 
         try:
             folder = bundled.shipped_folder(model, key.method, key.allocator)
@@ -251,7 +251,7 @@ class Predictors:
             pred = bundled.folder_predictor(folder)
             if not predictor_fits(pred, key):
                 return None
-            name = load_manifest(folder).get("default")
+            name = bundled.folder_manifest(folder).get("default")
         except Exception:  # noqa: BLE001 - a broken package file: answer with the fallback, say why in the log
             log.warning("the predictor shipped for %s cannot be loaded", model, exc_info=True)
             return None
@@ -351,7 +351,7 @@ class Predictors:
     def listing(self) -> PredictorListing:
         """Every predictor this service knows (``GET /predictors``): the configured one, the stored ones and the
         shipped ones, each with its source and whether it is the default of its model."""
-        from kvcalib.calib.predictors import bundled, load_manifest
+        from kvcalib.calib.predictors import bundled
 
         defaults = self.defaults()
         served = set(defaults.values())
@@ -372,7 +372,7 @@ class Predictors:
         shipped: list[PredictorInfo] = []
         for model, folder in ((m, f) for m in bundled.shipped_models() for f in bundled.shipped_folders(m)):
             try:
-                manifest = load_manifest(folder)
+                manifest = bundled.folder_manifest(folder)
                 entries = [(name, bundled.folder_predictor(folder, name)) for name in manifest.get("predictors", {})]
             except Exception:  # noqa: BLE001 - a broken package file: listed as missing, logged
                 log.warning("the predictors shipped for %s in %s cannot be loaded", model, folder, exc_info=True)
