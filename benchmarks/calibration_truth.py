@@ -18,6 +18,12 @@ genre, evaluate on another (held out), check passkey at the recommended ratios.
     # 4. ship the predictors fitted on the calibration genre as package data (compact labels beside them; exactly
     #    what `kvcalib fit calib/predictors/shipped/<model>/labels.jsonl --split 0.5,0.5,0` reproduces)
     python benchmarks/calibration_truth.py ship results/truth/essays.jsonl --model smollm2-135m
+    # 4b. the ceiling at ε: the per-context oracle, and one question draw against another (test-retest)
+    python benchmarks/calibration_truth.py label --genre essays --min-tokens 1000 --max-tokens 1600 \\
+        --method kvzip --allocator global --like results/truth/essays_kvzip.jsonl --question-seed 1 \\
+        --out results/truth/essays_kvzip_q1.jsonl
+    python benchmarks/calibration_truth.py ceiling results/truth/essays_kvzip.jsonl \\
+        --retest results/truth/essays_kvzip_q1.jsonl
     # 5. passkey at each context's recommended ratio (a seed no test uses)
     python benchmarks/calibration_truth.py passkey --predictor results/truth/predictors --n 20 --seed 4242
 
@@ -45,6 +51,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py beside it, also under -m
 from calibration_truth_analysis import (  # noqa: E402
+    ceiling,
     compare_engines,
     compare_fidelities,
     evaluate_full,
@@ -160,8 +167,17 @@ def label(args) -> None:
     except (TypeError, ValueError) as exc:
         raise SystemExit("--questions must be four integers n_needles,kv_pairs,multi_values,doc_questions: "
                          f"{exc}") from None
-    docs = documents(eng.tokenizer, args.genre, args.n_docs, args.min_tokens, args.max_tokens, args.seed,
-                     args.per_source, args.corpus)
+    if args.like:  # the documents of another label file (a retest with another --question-seed, another engine)
+        like = [json.loads(x)["id"] for x in Path(args.like).read_text(encoding="utf-8").splitlines() if x.strip()]
+        texts = dict(documents(eng.tokenizer, args.genre, 10**6, args.min_tokens, args.max_tokens, args.seed,
+                               args.per_source, args.corpus))
+        if missing := [i for i in like if i not in texts]:
+            raise SystemExit(f"--like: {len(missing)} documents of {args.like} are not in this cut (first "
+                             f"{missing[0]}; other --genre/--seed/--*-tokens?)")
+        docs = [(i, texts[i]) for i in like]
+    else:
+        docs = documents(eng.tokenizer, args.genre, args.n_docs, args.min_tokens, args.max_tokens, args.seed,
+                         args.per_source, args.corpus)
     if args.shard:  # I/N: every N-th document from the I-th (parallel labelling processes, one file each)
         k, n = _shard(args.shard)
         docs = docs[k::n]
@@ -280,6 +296,8 @@ def main() -> None:
     lb.add_argument("--out", required=True)
     lb.add_argument("--n-docs", type=int, default=24)
     lb.add_argument("--question-seed", type=int, default=0)
+    lb.add_argument("--like", default=None, help="a truth-label file: label its documents (by id; overrides "
+                    "--n-docs), e.g. with another --question-seed for the retest")
     lb.add_argument("--fidelities", default="none", help="'all', 'none' or a comma-separated list")
     lb.add_argument("--method", default="compactor")
     lb.add_argument("--method-params", default="{}", help='JSON, e.g. \'{"blend": 0.5}\'')
@@ -326,6 +344,13 @@ def main() -> None:
     ef.add_argument("--bootstrap", type=int, default=2000)
     ef.add_argument("--predictors-out", default="results/truth/predictors_full")
     ef.add_argument("--out", default="results/calibration_truth_full.json")
+    ce = sub.add_parser("ceiling", help="the per-context oracle at ε and, with --retest, one question draw vs another")
+    ce.add_argument("labels")
+    ce.add_argument("--retest", default=None, help="the same documents labelled with another --question-seed "
+                    "(label --like LABELS)")
+    ce.add_argument("--epsilon", type=float, default=0.05)
+    ce.add_argument("--target-gain", type=float, default=1.25)
+    ce.add_argument("--out", default="results/calibration_truth_ceiling.json")
     pk = sub.add_parser("passkey", help="passkey accuracy at the recommended ratios")
     pk.add_argument("--predictor", default=None, help="predictor folder/file (default: the shipped one)")
     pk.add_argument("--n", type=int, default=20)
@@ -355,6 +380,8 @@ def main() -> None:
         ship(args)
     elif args.cmd == "evaluate-full":
         write_report(evaluate_full(args), args.out)
+    elif args.cmd == "ceiling":
+        write_report(ceiling(args.labels, args.retest, args.epsilon, args.target_gain), args.out)
     elif args.cmd == "evaluate":
         write_report(evaluate_split(args), args.out)
     else:

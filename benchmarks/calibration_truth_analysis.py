@@ -76,6 +76,68 @@ def compare_fidelities(path, epsilon: float = 0.05) -> dict:
     return report
 
 
+def ceiling(path, retest=None, epsilon: float = 0.05, target_gain: float = 1.25) -> dict:
+    """How far any predictor could go on these documents at expected answer loss ε: the best single ratio, the
+    per-context oracle (``predictors.evaluation.oracle_allocation``: every context's loss curve known) and the mean
+    ratio a ``target_gain``× line asks for. With ``retest`` (the same documents labelled with another question seed,
+    ``label --like PATH --question-seed 1``): how well one draw of questions ranks the documents for another — the
+    rank correlation of the two r*_task, the trade-off r*_task of one draw permits as a risk-control base on the
+    other's losses (``_plugin``, as in ``compare``), and the oracle allocation of one draw judged on the other. A
+    label-free fidelity cannot rank documents better for the answers than an independent draw of those answers."""
+    from kvcalib.calib.predictors.evaluation import oracle_allocation
+    from kvcalib.calib.predictors.risk import loss_at
+
+    recs = read_records(path)
+    grid = recs[0]["ratios"]
+    losses = np.array([r["loss"] for r in recs])
+    y = np.array([r["r_star_task"] for r in recs])
+    g = global_at_loss(grid, losses, epsilon)
+    g_loss = float(loss_at(grid, losses, np.full(len(recs), g)).mean())
+    oracle = oracle_allocation(grid, losses, epsilon)
+    report = {"labels": str(path), "n": len(recs), "epsilon": epsilon, "mean_r_star_task": float(y.mean()),
+              "mean_loss": dict(zip(map(str, grid), losses.mean(0).round(4).tolist())),
+              "global": {"ratio": g, "loss": g_loss},
+              "oracle": {"mean_ratio": float(oracle.mean()), "loss": float(loss_at(grid, losses, oracle).mean()),
+                         "gain_vs_global": float(oracle.mean() / g) if g else None},
+              "target": {"gain": target_gain, "mean_ratio": target_gain * g,
+                         "share_of_oracle_gain": float((target_gain - 1) * g / (oracle.mean() - g))
+                         if oracle.mean() > g else None}}
+    print(f"{len(recs)} documents, epsilon {epsilon}: single ratio {g:.2f} (loss {g_loss:.3f}); per-context oracle "
+          f"{oracle.mean():.3f} ({report['oracle']['gain_vs_global'] or 0:.2f}x); mean r*_task {y.mean():.3f}; "
+          f"{target_gain}x asks {target_gain * g:.3f}")
+    if retest:
+        other = {r["id"]: r for r in read_records(retest)}
+        pairs = [(r, other[r["id"]]) for r in recs if r["id"] in other]
+        if not pairs:
+            raise SystemExit(f"{retest}: no document in common with {path} (label it with --like {path})")
+        a_l = np.array([a["loss"] for a, _ in pairs])
+        b_l = np.array([b["loss"] for _, b in pairs])
+        a_y = np.array([a["r_star_task"] for a, _ in pairs])
+        b_y = np.array([b["r_star_task"] for _, b in pairs])
+        rows = []
+        for name, (base_y, base_l, judge_l) in {"a->b": (a_y, a_l, b_l), "b->a": (b_y, b_l, a_l)}.items():
+            ratio, loss = _plugin(base_y, grid, judge_l, epsilon)
+            alloc = oracle_allocation(grid, base_l, epsilon)
+            g_j = global_at_loss(grid, judge_l, epsilon)
+            rows.append({"direction": name, "global": g_j, "plugin_ratio": ratio, "plugin_loss": loss,
+                         "plugin_gain": ratio / g_j if g_j else None,
+                         "oracle_of_base_ratio": float(alloc.mean()),
+                         "oracle_of_base_loss": float(loss_at(grid, judge_l, alloc).mean()),
+                         "oracle_of_judge": float(oracle_allocation(grid, judge_l, epsilon).mean())})
+        report["retest"] = {"labels": str(retest), "n": len(pairs), "spearman": _spearman(a_y, b_y),
+                            "pearson": float(np.corrcoef(a_y, b_y)[0, 1]) if np.std(a_y) * np.std(b_y) > 0
+                            else 0.0, "rows": rows}
+        print(f"retest on {len(pairs)} documents: Spearman of r*_task between the two question draws "
+              f"{report['retest']['spearman']:+.3f} (Pearson {report['retest']['pearson']:+.3f})")
+        print(f"{'base->judged':>12} {'global':>7} {'plug-in':>8} {'loss':>6} {'gain':>6} {'alloc':>6} {'loss':>6} "
+              f"{'oracle':>7}")
+        for r in rows:
+            print(f"{r['direction']:>12} {r['global']:>7.2f} {r['plugin_ratio']:>8.3f} {r['plugin_loss']:>6.3f} "
+                  f"{r['plugin_gain'] or 0:>6.2f} {r['oracle_of_base_ratio']:>6.3f} {r['oracle_of_base_loss']:>6.3f} "
+                  f"{r['oracle_of_judge']:>7.3f}")
+    return report
+
+
 def compare_engines(paths, epsilon: float = 0.05, ratios=(0.1, 0.3, 0.5)) -> dict:
     """Which (method, allocator) keeps the most answers: the same documents labelled once per engine configuration
     (``label --method … --allocator …``, one file each; only documents present in every file are compared). Per

@@ -91,3 +91,30 @@ def plot_evaluation(labels: list[dict], report: dict, path: str | Path, tau: flo
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def oracle_allocation(grid, losses, epsilon: float) -> np.ndarray:
+    """The per-context ratios r_i ∈ {0} ∪ grid with the largest mean ratio at mean loss (1/n) Σ ℓ_i(r_i) ≤ ε, given
+    every context's loss curve ``losses`` (n, R) — the ceiling of any predictor at expected loss ε on these contexts
+    (it knows the answers' losses; a predictor sees features). A multiple-choice knapsack, solved exactly as a
+    mixed-integer programme (``scipy.optimize.milp``, HiGHS): x_ij ∈ {0, 1} picks ratio j for context i."""
+    from scipy.optimize import Bounds, LinearConstraint, milp
+    from scipy.sparse import csr_matrix, eye, kron
+
+    ls = np.asarray(losses, dtype=float)  # (n, R)
+    n = ls.shape[0]
+    if n == 0:
+        return np.zeros(0)
+    options = np.concatenate([[0.0], np.asarray(grid, dtype=float)])  # (R + 1,): ratio 0 loses nothing
+    cost = np.concatenate([np.zeros((n, 1)), ls], axis=1)  # (n, R + 1)
+    k = len(options)
+    one_each = kron(eye(n), np.ones((1, k)))  # Σ_j x_ij = 1
+    budget = csr_matrix(cost.reshape(1, -1))  # Σ_ij ℓ_ij x_ij ≤ ε n
+    res = milp(c=-np.tile(options, n), integrality=np.ones(n * k),
+               constraints=[LinearConstraint(one_each, 1, 1),
+                            LinearConstraint(budget, -np.inf, epsilon * n + 1e-9)],
+               bounds=Bounds(0, 1))
+    if not res.success:  # cannot happen (all-zero ratios are feasible); say so rather than return garbage
+        raise RuntimeError(f"oracle allocation: {res.message}")
+    pick = np.asarray(res.x).reshape(n, k).argmax(1)
+    return options[pick]

@@ -205,6 +205,7 @@ def fit_cmd(
     for name, m in report["predictors"].items():
         preds[name].metrics["test"] = {k: v for k, v in m.items() if k != "predictions"}
     tau = rows[0]["config"].get("tolerance")
+    kept = _keep_versions(out, preds)
     save_predictors(out, preds, extra={
         "labels": str(labels), "alpha": alpha, "tolerance": tau, "config": rows[0]["config"],
         "split": {"seed": seed, "fractions": list(fr), "train": [r["content_hash"] for r in train],
@@ -212,12 +213,25 @@ def fit_cmd(
         "test_report": _strip(report)})
     if as_json:
         emit_json({"out": str(out), "n_train": len(train), "n_cal": len(cal), "n_test": len(test),
-                   "versions": {k: p.version for k, p in preds.items()}, "test": _strip(report)})
+                   "versions": {k: p.version for k, p in preds.items()}, "kept": kept, "test": _strip(report)})
         return
     console.print(f"split: {len(train)} train / {len(cal)} calibration / {len(test)} test documents")
     if test:
         console.print(_metrics_table(f"held-out test (α = {alpha}, τ = {tau})", report))
-    console.print(f"saved {len(preds)} predictors to {out}/ (default: conformal, {preds['conformal'].version})")
+    console.print(f"saved {len(preds)} predictors to {out}/ (default: conformal, {preds['conformal'].version}; "
+                  f"versions kept: {', '.join(kept) or 'none'})")
+
+
+def _keep_versions(out: Path, preds: dict) -> list[str]:
+    """Refitting into an existing folder: unchanged predictors keep the versions profiles and stored predictions
+    name (``predictors.io.keep_unchanged_versions``); a folder that cannot be read as predictors keeps none."""
+    from kvcalib.calib.predictors.base import PredictorError
+    from kvcalib.calib.predictors.io import keep_unchanged_versions
+
+    try:
+        return keep_unchanged_versions(out, preds)
+    except PredictorError:
+        return []
 
 
 def _fit_truth(labels: Path, out: Path, alpha: float, epsilon: float, seed: int, fr, as_json: bool) -> None:
@@ -230,10 +244,11 @@ def _fit_truth(labels: Path, out: Path, alpha: float, epsilon: float, seed: int,
         fail(f"--epsilon must lie in (0, 1), got {epsilon}")
     rows = read_truth_labels(labels)
     preds, split = fit_truth_labels(rows, fr, seed=seed, epsilon=epsilon, alpha=alpha)
+    kept = _keep_versions(out, preds)
     save_predictors(out, preds, extra={"default": "risk", "labels": str(labels), "epsilon": epsilon, "alpha": alpha,
                                        "target": "task_truth", "split": split})
     if as_json:
-        emit_json({"out": str(out), "versions": {k: p.version for k, p in preds.items()},
+        emit_json({"out": str(out), "versions": {k: p.version for k, p in preds.items()}, "kept": kept,
                    "metrics": {k: p.metrics for k, p in preds.items()}})
         return
     console.print(f"split: {len(split['train'])} train / {len(split['cal'])} calibration / {len(split['test'])} "
@@ -242,7 +257,8 @@ def _fit_truth(labels: Path, out: Path, alpha: float, epsilon: float, seed: int,
         m = p.metrics.get("test") or p.metrics["cal"]
         console.print(f"  {name:>12}: mean ratio {m['mean_ratio']:.3f}, answer loss {m['loss']:.3f}, "
                       f"violation {m['violation_rate']:.3f} ({'test' if 'test' in p.metrics else 'calibration'})")
-    console.print(f"saved {len(preds)} predictors to {out}/ (default: risk, {preds['risk'].version})")
+    console.print(f"saved {len(preds)} predictors to {out}/ (default: risk, {preds['risk'].version}; versions "
+                  f"kept: {', '.join(kept) or 'none'})")
 
 
 @friendly_errors

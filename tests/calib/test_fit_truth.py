@@ -86,3 +86,24 @@ def test_a_refit_keeps_the_version_of_every_unchanged_predictor(tmp_path):
     assert back["a"].version == first["a"].version  # same parameters: same version
     assert back["b"].version != first["b"].version and back["b"].created != "20200101T000000Z"
     assert back["c"].version == again["c"].version
+
+
+def test_kvcalib_fit_into_its_own_folder_keeps_the_versions_of_unchanged_predictors(tmp_path):
+    """``kvcalib fit --out`` an existing folder: refitting the same labels keeps every version (profiles and
+    stored predictions name them); another ε changes the risk-controlled predictors, which get fresh versions."""
+    rng = np.random.default_rng(1)
+    labels = tmp_path / "truth.jsonl"
+    labels.write_text("".join(json.dumps(_record(i, rng)) + "\n" for i in range(60)))
+    out = tmp_path / "preds"
+    args = ["fit", str(labels), "--out", str(out), "--split", "0.5,0.5,0", "--json"]
+    first = runner.invoke(app, [*args, "--epsilon", "0.1"])
+    assert first.exit_code == 0, first.output
+    v1 = {k: p.version for k, p in load_predictors(out).items()}
+    again = runner.invoke(app, [*args, "--epsilon", "0.1"])
+    assert again.exit_code == 0 and sorted(json.loads(again.output)["kept"]) == sorted(v1)
+    assert {k: p.version for k, p in load_predictors(out).items()} == v1
+    other = runner.invoke(app, [*args, "--epsilon", "0.2"])
+    assert other.exit_code == 0, other.output
+    v3 = {k: p.version for k, p in load_predictors(out).items()}
+    changed = {k for k in v1 if v3[k] != v1[k]}
+    assert "risk_global" in changed and set(json.loads(other.output)["kept"]) == set(v1) - changed

@@ -190,3 +190,31 @@ def test_full_mode_predictors_calibrate_over_every_record():
     assert p.lam == pytest.approx(_naive_lambda(base, np.array([r["loss"] for r in recs]), 0.1))
     assert p.training_config()["fidelity"] == "salient" and p.training_config()["tolerance"] == 0.9
     assert fit_full_predictors(_records(rng, 5)) == {}  # no fidelity curves: nothing to fit
+
+
+def test_oracle_allocation_is_the_best_feasible_allocation_by_enumeration():
+    """The per-context ceiling at expected loss ε (``evaluation.oracle_allocation``, a MILP) against every
+    allocation of {0} ∪ grid to 5 contexts written out: same best mean ratio, and its own loss within ε."""
+    import itertools
+
+    from kvcalib.calib.predictors.evaluation import oracle_allocation
+    from kvcalib.calib.predictors.risk import loss_at
+
+    grid = [0.25, 0.5, 0.75, 0.9]
+    rng = np.random.default_rng(7)
+    for trial in range(6):
+        counted = rng.integers(2, 8, 5)
+        first = rng.integers(0, len(grid) + 1, (5, 8))  # per question: index of the first grid ratio that loses it
+        losses = np.array([[np.mean(first[i, :counted[i]] <= j) for j in range(len(grid))] for i in range(5)])
+        for eps in (0.0, 0.05, 0.15, 0.4):
+            best = -1.0
+            for pick in itertools.product(range(len(grid) + 1), repeat=5):  # 0 = ratio 0, j = grid[j - 1]
+                loss = np.mean([0.0 if j == 0 else losses[i, j - 1] for i, j in enumerate(pick)])
+                if loss <= eps + 1e-12:
+                    best = max(best, np.mean([0.0 if j == 0 else grid[j - 1] for j in pick]))
+            r = oracle_allocation(grid, losses, eps)
+            assert r.mean() == pytest.approx(best, abs=1e-9), (trial, eps)
+            assert loss_at(grid, losses, r).mean() <= eps + 1e-9
+    # at ε = 0 the oracle is every context's largest loss-free ratio: r*_task
+    losses = np.array([[0, 0, 0.5, 1], [0, 0, 0, 0], [0.2, 0.2, 0.4, 1.0]])
+    assert oracle_allocation(grid, losses, 0.0).tolist() == [0.5, 0.9, 0.0]
