@@ -58,6 +58,7 @@ from calibration_truth_analysis import (  # noqa: E402
     evaluate_split,
     passkey_check,
     plot_engines,
+    plot_retest,
 )
 from common import write_report  # noqa: E402
 
@@ -169,8 +170,10 @@ def label(args) -> None:
                          f"{exc}") from None
     if args.like:  # the documents of another label file (a retest with another --question-seed, another engine)
         like = [json.loads(x)["id"] for x in Path(args.like).read_text(encoding="utf-8").splitlines() if x.strip()]
-        texts = dict(documents(eng.tokenizer, args.genre, 10**6, args.min_tokens, args.max_tokens, args.seed,
-                               args.per_source, args.corpus))
+        seeds = {int(i.rsplit("@s", 1)[1]) if "@s" in i else 0 for i in like}  # its cuts (ids tagged @s<seed>)
+        texts = {k: v for sd in sorted(seeds) for k, v in documents(eng.tokenizer, args.genre, 10**6,
+                                                                     args.min_tokens, args.max_tokens, sd,
+                                                                     args.per_source, args.corpus)}
         if missing := [i for i in like if i not in texts]:
             raise SystemExit(f"--like: {len(missing)} documents of {args.like} are not in this cut (first "
                              f"{missing[0]}; other --genre/--seed/--*-tokens?)")
@@ -296,8 +299,8 @@ def main() -> None:
     lb.add_argument("--out", required=True)
     lb.add_argument("--n-docs", type=int, default=24)
     lb.add_argument("--question-seed", type=int, default=0)
-    lb.add_argument("--like", default=None, help="a truth-label file: label its documents (by id; overrides "
-                    "--n-docs), e.g. with another --question-seed for the retest")
+    lb.add_argument("--like", default=None, help="a truth-label file: label its documents (by id, from every cut "
+                    "its ids name; overrides --n-docs and --seed), e.g. with another --question-seed for the retest")
     lb.add_argument("--fidelities", default="none", help="'all', 'none' or a comma-separated list")
     lb.add_argument("--method", default="compactor")
     lb.add_argument("--method-params", default="{}", help='JSON, e.g. \'{"blend": 0.5}\'')
@@ -350,6 +353,7 @@ def main() -> None:
                     "(label --like LABELS)")
     ce.add_argument("--epsilon", type=float, default=0.05)
     ce.add_argument("--target-gain", type=float, default=1.25)
+    ce.add_argument("--plot", default=None, help="with --retest: a PNG, e.g. docs/img/retest_kvzip.png")
     ce.add_argument("--out", default="results/calibration_truth_ceiling.json")
     pk = sub.add_parser("passkey", help="passkey accuracy at the recommended ratios")
     pk.add_argument("--predictor", default=None, help="predictor folder/file (default: the shipped one)")
@@ -381,7 +385,10 @@ def main() -> None:
     elif args.cmd == "evaluate-full":
         write_report(evaluate_full(args), args.out)
     elif args.cmd == "ceiling":
-        write_report(ceiling(args.labels, args.retest, args.epsilon, args.target_gain), args.out)
+        report = ceiling(args.labels, args.retest, args.epsilon, args.target_gain)
+        write_report(report, args.out)
+        if args.plot and "retest" in report:
+            plot_retest(report, args.plot)
     elif args.cmd == "evaluate":
         write_report(evaluate_split(args), args.out)
     else:

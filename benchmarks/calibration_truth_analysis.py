@@ -124,11 +124,16 @@ def ceiling(path, retest=None, epsilon: float = 0.05, target_gain: float = 1.25)
                          "oracle_of_base_ratio": float(alloc.mean()),
                          "oracle_of_base_loss": float(loss_at(grid, judge_l, alloc).mean()),
                          "oracle_of_judge": float(oracle_allocation(grid, judge_l, epsilon).mean())})
+        loss_corr = {str(g_): _spearman(a_l[:, j], b_l[:, j]) for j, g_ in enumerate(grid)
+                     if 0 < a_l[:, j].mean() < 1 and 0 < b_l[:, j].mean() < 1}
         report["retest"] = {"labels": str(retest), "n": len(pairs), "spearman": _spearman(a_y, b_y),
                             "pearson": float(np.corrcoef(a_y, b_y)[0, 1]) if np.std(a_y) * np.std(b_y) > 0
-                            else 0.0, "rows": rows}
+                            else 0.0, "loss_spearman": loss_corr, "rows": rows,
+                            "r_star_task": {"a": a_y.tolist(), "b": b_y.tolist()},
+                            "mean_loss": {"a": a_l.mean(0).tolist(), "b": b_l.mean(0).tolist()}, "grid": grid}
         print(f"retest on {len(pairs)} documents: Spearman of r*_task between the two question draws "
-              f"{report['retest']['spearman']:+.3f} (Pearson {report['retest']['pearson']:+.3f})")
+              f"{report['retest']['spearman']:+.3f} (Pearson {report['retest']['pearson']:+.3f}); of the loss at "
+              + ", ".join(f"{g_}: {v:+.2f}" for g_, v in loss_corr.items()))
         print(f"{'base->judged':>12} {'global':>7} {'plug-in':>8} {'loss':>6} {'gain':>6} {'alloc':>6} {'loss':>6} "
               f"{'oracle':>7}")
         for r in rows:
@@ -136,6 +141,37 @@ def ceiling(path, retest=None, epsilon: float = 0.05, target_gain: float = 1.25)
                   f"{r['plugin_gain'] or 0:>6.2f} {r['oracle_of_base_ratio']:>6.3f} {r['oracle_of_base_loss']:>6.3f} "
                   f"{r['oracle_of_judge']:>7.3f}")
     return report
+
+
+def plot_retest(report: dict, path: str) -> None:
+    """r*_task of one question draw against the other's (jittered), and both draws' mean loss curves."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rt = report["retest"]
+    a, b = np.array(rt["r_star_task"]["a"]), np.array(rt["r_star_task"]["b"])
+    rng = np.random.default_rng(0)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9.6, 4.0), dpi=120)
+    ax1.scatter(a + rng.uniform(-0.02, 0.02, len(a)), b + rng.uniform(-0.02, 0.02, len(b)), s=12, alpha=0.6)
+    ax1.plot([0, 1], [0, 1], color="grey", lw=1, ls="--")
+    ax1.set_xlabel("r*_task, question draw A")
+    ax1.set_ylabel("r*_task, question draw B (same document)")
+    ax1.set_title(f"{rt['n']} documents: Spearman {rt['spearman']:+.2f}")
+    for name, curve in rt["mean_loss"].items():
+        ax2.plot(rt["grid"], curve, marker="o", ms=3, label=f"draw {name.upper()}")
+    ax2.axhline(report["epsilon"], color="grey", ls="--", lw=1, label=f"ε = {report['epsilon']}")
+    ax2.set_xlabel("compression ratio")
+    ax2.set_ylabel("mean answer loss")
+    ax2.set_ylim(0, 1)
+    ax2.legend(fontsize=8)
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    print(f"wrote {path}")
 
 
 def compare_engines(paths, epsilon: float = 0.05, ratios=(0.1, 0.3, 0.5)) -> dict:
