@@ -113,6 +113,20 @@ def documents(tokenizer, genre: str, n_docs: int, min_tokens: int, max_tokens: i
     return pieces[:n_docs]
 
 
+def documents_by_id(tokenizer, args, ids: list[str], source: str) -> dict[str, str]:
+    """{id: text} of the labelled documents ``ids`` (read from ``source``), rebuilt from every cut they name (an id
+    tagged ``@s<seed>`` comes from the cut of that seed, an untagged one from seed 0; ``documents``) with the
+    genre and token arguments; an id no cut holds is a clear error."""
+    seeds = {int(i.rsplit("@s", 1)[1]) if "@s" in i else 0 for i in ids}
+    texts = {k: v for sd in sorted(seeds)
+             for k, v in documents(tokenizer, args.genre, 10**6, args.min_tokens, args.max_tokens, sd,
+                                   args.per_source, args.corpus)}
+    if missing := [i for i in ids if i not in texts]:
+        raise SystemExit(f"{source}: {len(missing)} documents are not in these cuts (first {missing[0]}; other "
+                         "--genre/--*-tokens/--per-source?)")
+    return texts
+
+
 def _json_arg(text: str, flag: str) -> dict:
     """A JSON object given on the command line (``{}`` when empty)."""
     try:
@@ -170,13 +184,7 @@ def label(args) -> None:
                          f"{exc}") from None
     if args.like:  # the documents of another label file (a retest with another --question-seed, another engine)
         like = [json.loads(x)["id"] for x in Path(args.like).read_text(encoding="utf-8").splitlines() if x.strip()]
-        seeds = {int(i.rsplit("@s", 1)[1]) if "@s" in i else 0 for i in like}  # its cuts (ids tagged @s<seed>)
-        texts = {k: v for sd in sorted(seeds) for k, v in documents(eng.tokenizer, args.genre, 10**6,
-                                                                     args.min_tokens, args.max_tokens, sd,
-                                                                     args.per_source, args.corpus)}
-        if missing := [i for i in like if i not in texts]:
-            raise SystemExit(f"--like: {len(missing)} documents of {args.like} are not in this cut (first "
-                             f"{missing[0]}; other --genre/--seed/--*-tokens?)")
+        texts = documents_by_id(eng.tokenizer, args, like, f"--like {args.like}")
         docs = [(i, texts[i]) for i in like]
     else:
         docs = documents(eng.tokenizer, args.genre, args.n_docs, args.min_tokens, args.max_tokens, args.seed,
@@ -223,8 +231,7 @@ def add_fidelity(args) -> None:
     out = Path(args.out)
     done = {json.loads(x)["id"] for x in out.read_text(encoding="utf-8").splitlines() if x.strip()} \
         if out.is_file() else set()
-    texts = dict(documents(eng.tokenizer, args.genre, 10**6, args.min_tokens, args.max_tokens, args.seed,
-                           args.per_source, args.corpus))
+    texts = documents_by_id(eng.tokenizer, args, [r["id"] for r in records], args.labels)
     qcfg = QuestionConfig(*(int(x) for x in args.questions.split(","))).validate()
     for rec in tqdm([r for r in records if r["id"] not in done], desc="fidelity", unit="doc", mininterval=5):
         doc = make_questions(texts[rec["id"]], rec["question_seed"], qcfg)

@@ -28,6 +28,12 @@ def _spearman(a, b) -> float:
     return float(spearmanr(a, b).statistic)
 
 
+def _pearson(a, b) -> float:
+    if np.std(a) == 0 or np.std(b) == 0:
+        return 0.0
+    return float(np.corrcoef(a, b)[0, 1])
+
+
 def _plugin(base, grid, losses, epsilon) -> tuple[float, float]:
     """(mean ratio, loss) of r̂ = ⌊base − λ⌋ with the smallest λ whose in-sample mean loss is ≤ ε (no finite-sample
     correction: the trade-off a base permits, for comparing bases on few documents)."""
@@ -57,9 +63,8 @@ def compare_fidelities(path, epsilon: float = 0.05) -> dict:
             r = np.array([fidelity_r_star(x, name, tau) for x in recs])
             rho = _spearman(r, y)
             ratio, loss = _plugin(r, grid, losses, epsilon)
-            row = {"fidelity": name, "tau": tau, "spearman": rho, "pearson": float(np.corrcoef(r, y)[0, 1])
-                   if np.std(r) > 0 else 0.0, "mean_r_star": float(r.mean()), "ratio_at_eps": ratio,
-                   "loss_at_eps": loss}
+            row = {"fidelity": name, "tau": tau, "spearman": rho, "pearson": _pearson(r, y),
+                   "mean_r_star": float(r.mean()), "ratio_at_eps": ratio, "loss_at_eps": loss}
             rows.append(row)
             if best is None or (rho, ratio) > (best["spearman"], best["ratio_at_eps"]):
                 best = row
@@ -114,21 +119,22 @@ def ceiling(path, retest=None, epsilon: float = 0.05, target_gain: float = 1.25)
         b_l = np.array([b["loss"] for _, b in pairs])
         a_y = np.array([a["r_star_task"] for a, _ in pairs])
         b_y = np.array([b["r_star_task"] for _, b in pairs])
+        alloc = {"a": oracle_allocation(grid, a_l, epsilon), "b": oracle_allocation(grid, b_l, epsilon)}
+        draws = {"a": (a_y, a_l), "b": (b_y, b_l)}
         rows = []
-        for name, (base_y, base_l, judge_l) in {"a->b": (a_y, a_l, b_l), "b->a": (b_y, b_l, a_l)}.items():
-            ratio, loss = _plugin(base_y, grid, judge_l, epsilon)
-            alloc = oracle_allocation(grid, base_l, epsilon)
+        for base, judge in (("a", "b"), ("b", "a")):
+            judge_l = draws[judge][1]
+            ratio, loss = _plugin(draws[base][0], grid, judge_l, epsilon)
             g_j = global_at_loss(grid, judge_l, epsilon)
-            rows.append({"direction": name, "global": g_j, "plugin_ratio": ratio, "plugin_loss": loss,
+            rows.append({"direction": f"{base}->{judge}", "global": g_j, "plugin_ratio": ratio, "plugin_loss": loss,
                          "plugin_gain": ratio / g_j if g_j else None,
-                         "oracle_of_base_ratio": float(alloc.mean()),
-                         "oracle_of_base_loss": float(loss_at(grid, judge_l, alloc).mean()),
-                         "oracle_of_judge": float(oracle_allocation(grid, judge_l, epsilon).mean())})
+                         "oracle_of_base_ratio": float(alloc[base].mean()),
+                         "oracle_of_base_loss": float(loss_at(grid, judge_l, alloc[base]).mean()),
+                         "oracle_of_judge": float(alloc[judge].mean())})
         loss_corr = {str(g_): _spearman(a_l[:, j], b_l[:, j]) for j, g_ in enumerate(grid)
                      if 0 < a_l[:, j].mean() < 1 and 0 < b_l[:, j].mean() < 1}
         report["retest"] = {"labels": str(retest), "n": len(pairs), "spearman": _spearman(a_y, b_y),
-                            "pearson": float(np.corrcoef(a_y, b_y)[0, 1]) if np.std(a_y) * np.std(b_y) > 0
-                            else 0.0, "loss_spearman": loss_corr, "rows": rows,
+                            "pearson": _pearson(a_y, b_y), "loss_spearman": loss_corr, "rows": rows,
                             "r_star_task": {"a": a_y.tolist(), "b": b_y.tolist()},
                             "mean_loss": {"a": a_l.mean(0).tolist(), "b": b_l.mean(0).tolist()}, "grid": grid}
         print(f"retest on {len(pairs)} documents: Spearman of r*_task between the two question draws "
